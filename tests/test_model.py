@@ -1,0 +1,142 @@
+import math
+
+import pytest
+import timm
+import torch
+
+import model as M
+
+
+def timm_twin(ours, **kw):
+    """timm's ViT with our model's shape and weights (timm is fed the normalised image)."""
+    c = ours.config
+    t = timm.models.vision_transformer.VisionTransformer(
+        img_size=c.img_size, patch_size=c.patch_size, embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads,
+        mlp_ratio=c.mlp_ratio, num_classes=c.num_classes, global_pool=c.global_pool, class_token=c.class_token,
+        dynamic_img_size=True, **kw)
+    t.load_state_dict(ours.timm_state_dict())
+    return t.eval()
+
+
+@pytest.mark.parametrize('name', ['vit_tiny_patch16', 'vit_small_patch16', 'vit_base_patch16'])
+@pytest.mark.parametrize('pool', ['avg', 'token'])
+def test_logits_match_timm(name, pool):
+    torch.manual_seed(0)
+    ours = M.create_model(name, global_pool=pool, num_classes=17).eval()
+    theirs = timm_twin(ours)
+    sizes = (224, 112) if name != 'vit_base_patch16' else (224,)
+    for r in sizes + (160,):
+        x = torch.rand(2, 3, r, r)
+        with torch.no_grad():
+            a, b = ours(x), theirs((x - ours.mean) / ours.std)
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5, (name, pool, r)
+
+
+@pytest.mark.parametrize('name,timm_name', [('vit_huge_patch14', 'vit_huge_patch14_224'),
+                                            ('vit_giant_patch14', 'vit_giant_patch14_224')])
+def test_big_presets_have_timms_shapes(name, timm_name):
+    with torch.device('meta'):
+        ours = M.create_model(name, img_size=336)
+        theirs = timm.create_model(timm_name, img_size=336, global_pool='avg', num_classes=1000)
+    a = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    b = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert a == b
+
+
+def test_position_embedding_resized_at_load_equals_resized_at_forward():
+    torch.manual_seed(0)
+    m224 = M.create_model('vit_tiny_patch16', num_classes=5).eval()
+    for r in (112, 336):
+        m_r = M.create_model('vit_tiny_patch16', num_classes=5, img_size=r).load_timm_state_dict(m224.timm_state_dict()).eval()
+        x = torch.rand(2, 3, r, r)
+        with torch.no_grad():
+            torch.testing.assert_close(m_r(x), m224(x), rtol=1e-5, atol=1e-5)
+        assert m_r.pos_embed.shape[1] == 1 + (r // 16) ** 2
+
+
+def test_pos_cache_follows_optimizer_updates():
+    torch.manual_seed(0)
+    m = M.create_model('vit_pico_patch4').eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        first = m(x)
+        assert torch.equal(first, m(x))  # the cached grid gives the same answer
+    with torch.no_grad():
+        m.pos_embed.add_(0.5)  # an in-place update, as an optimizer step does
+        assert not torch.allclose(first, m(x))
+    m.train()
+    m(x).sum().backward()  # training at another size still reaches the position embedding
+    assert m.pos_embed.grad is not None and m.pos_embed.grad.abs().sum() > 0
+
+
+def test_random_masking_keeps_count_per_sample():
+    x = torch.arange(64).float().view(1, 64, 1).expand(4, 64, 3)
+    out = M.mask_tokens(x, (8, 8), 0.75, 'random')
+    assert out.shape == (4, 16, 3)
+    kept = out[..., 0].long()
+    assert all(len(set(r.tolist())) == 16 for r in kept)  # no token kept twice
+    assert len({tuple(sorted(r.tolist())) for r in kept}) > 1  # a different subset per sample
+
+
+@pytest.mark.parametrize('ratio', [0.5, 0.75])
+def test_block_masking_keeps_one_contiguous_block(ratio):
+    torch.manual_seed(0)
+    grid = (14, 14)
+    x = torch.arange(196).float().view(1, 196, 1).expand(8, 196, 2)
+    out = M.mask_tokens(x, grid, ratio, 'block')
+    h, w = M.block_shape(grid, round(196 * (1 - ratio)))
+    assert out.shape[1] == h * w == round(196 * (1 - ratio))
+    for r in out[..., 0].long():
+        rows, cols = r // 14, r % 14
+        assert set(rows.tolist()) == set(range(rows.min(), rows.min() + h))
+        assert set(cols.tolist()) == set(range(cols.min(), cols.min() + w))
+    m = M.create_model('vit_tiny_patch16', num_classes=3)
+    assert m(torch.rand(2, 3, 224, 224), mask_ratio=ratio, mask_kind='block').shape == (2, 3)
+
+
+def vit_macs(n_patches, tokens, D, depth, hidden, patch_in):
+    # by hand: patch embedding + per block qkv, QK^T, AV, proj, fc1, fc2
+    per_block = tokens * D * 3 * D + tokens * tokens * D * 2 + tokens * D * D + tokens * D * hidden * 2
+    return n_patches * patch_in * D + depth * per_block
+
+
+def test_flops_by_hand():
+    b = M.create_model('vit_base_patch16')
+    assert b.flops(224) == vit_macs(196, 197, 768, 12, 3072, 768)
+    assert abs(b.flops(224) / 1e9 - 17.56) < 0.01  # the paper's ~17.6 G
+    assert abs(b.flops(112) / 1e9 - 4.3) < 0.05    # and ~4.3 G
+    assert b.flops(224, mask_ratio=0.5) == vit_macs(196, 99, 768, 12, 3072, 768)
+    with torch.device('meta'):
+        h = M.create_model('vit_huge_patch14')
+    assert h.flops(84) == vit_macs(36, 37, 1280, 32, 5120, 588)
+    # the paper's compute column: ViT-B/16, 256M@112 PGD-1 + 38.4M@224 PGD-3 = 0.5e10 GFLOPs
+    total = (256e6 * b.flops(112) * 2 + 38.4e6 * b.flops(224) * 4) / 1e19
+    assert abs(total - 0.5) / 0.5 < 0.03
+
+
+def test_official_layout_checkpoint_roundtrip(tmp_path):
+    """An official-style file: timm layout at 336 px, GAP + fc_norm, wrapped and prefixed."""
+    torch.manual_seed(0)
+    t = timm.create_model('vit_tiny_patch16_224', img_size=336, global_pool='avg', num_classes=1000).eval()
+    wrapped = {'state_dict': {'module.' + k: v for k, v in t.state_dict().items()}}
+    torch.save(wrapped, tmp_path / 'official.pth')
+    ours = M.model_from_file(str(tmp_path / 'official.pth')).eval()
+    assert ours.config.img_size == 336 and ours.config.global_pool == 'avg' and ours.config.class_token
+    x = torch.rand(1, 3, 336, 336)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), t((x - ours.mean) / ours.std), rtol=1e-5, atol=1e-5)
+    assert set(ours.timm_state_dict()) == set(t.state_dict())
+
+
+def test_wrong_checkpoint_is_a_clear_error(tmp_path):
+    small = M.create_model('vit_small_patch16').timm_state_dict()
+    with pytest.raises(ValueError, match='shape mismatch'):
+        M.create_model('vit_tiny_patch16').load_timm_state_dict(small)
+    small.pop('fc_norm.weight')
+    with pytest.raises(ValueError, match='missing keys'):
+        M.create_model('vit_small_patch16').load_timm_state_dict(small)
+    (tmp_path / 'junk.pt').write_text('not a checkpoint')
+    with pytest.raises(SystemExit, match='cannot read checkpoint'):
+        M.model_from_file(str(tmp_path / 'junk.pt'))
+    with pytest.raises(ValueError, match='unknown model'):
+        M.create_model('vit_enormous')
