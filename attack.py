@@ -1,0 +1,95 @@
+"""
+PGD, the inner maximisation of adversarial training, and the PGD-k evaluation metric.
+
+All attacks work in [0,1] pixel space (the models normalise inside), take gradients with
+respect to the input only (`torch.autograd.grad`: no weight gradients, and no DDP all-reduce
+when called on the unwrapped module), and run the model in eval mode, restoring its mode
+afterwards, as the official AdvXL code does.
+"""
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def _l2_norm(t):
+    return t.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).view(-1, *([1] * (t.ndim - 1)))
+
+
+def project(x_adv, x, eps, norm):
+    """Project x_adv onto the eps-ball around x, then onto the [0,1] image box."""
+    delta = x_adv - x
+    if norm == 'Linf':
+        delta = delta.clamp(-eps, eps)
+    elif norm == 'L2':
+        delta = delta * (eps / _l2_norm(delta)).clamp(max=1.0)
+    else:
+        raise ValueError(f"norm must be 'Linf' or 'L2', got '{norm}'")
+    return (x + delta).clamp(0, 1)
+
+
+def pgd(model, x, y, loss_fn, eps, step_size, steps, norm='Linf', random_start=True, **forward_kwargs):
+    """Maximise loss_fn(model(x_adv, **forward_kwargs), y) over x_adv in the eps-ball of x.
+    y is whatever loss_fn takes as target: hard labels, MixUp/CutMix soft labels, or a batch
+    of fixed text embeddings for the contrastive loss. Returns detached adversarial images."""
+    x = x.detach()
+    if steps == 0 or eps == 0:
+        return x
+    was_training = model.training
+    model.eval()
+    x_adv = x.clone()
+    if random_start:
+        if norm == 'Linf':
+            x_adv = x_adv + torch.empty_like(x).uniform_(-eps, eps)
+        else:  # uniform radius along a uniformly random direction
+            d = torch.randn_like(x)
+            x_adv = x_adv + d / _l2_norm(d) * eps * torch.rand(x.shape[0], *([1] * (x.ndim - 1)), device=x.device)
+        x_adv = x_adv.clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = loss_fn(model(x_adv, **forward_kwargs), y)
+        grad, = torch.autograd.grad(loss, [x_adv])
+        with torch.no_grad():
+            step = grad.sign() if norm == 'Linf' else grad / _l2_norm(grad)
+            x_adv = project(x_adv + step_size * step, x, eps, norm)
+    model.train(was_training)
+    return x_adv.detach()
+
+
+@torch.no_grad()
+def _count_correct(logits, y):
+    return (logits.argmax(1) == y).sum()
+
+
+def evaluate_pgd(model, loader, eps=4 / 255, steps=20, step_size=1 / 255, norm='Linf',
+                 max_samples=None, autocast=None, log_every=0, log=print):
+    """Clean and PGD-k robust accuracy (percent) over a loader of ([0,1] images, labels).
+    Under torch.distributed, each rank evaluates its own loader and the counts are summed."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    ce = lambda out, t: F.cross_entropy(out.float(), t)
+    autocast = autocast or torch.autocast(device.type, enabled=False)
+    clean = robust = total = torch.zeros((), dtype=torch.long, device=device)
+    t0 = time.time()
+    for i, (x, y) in enumerate(loader):
+        if max_samples is not None and total.item() >= max_samples:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            with torch.no_grad():
+                clean = clean + _count_correct(model(x), y)
+            x_adv = pgd(model, x, y, ce, eps, step_size, steps, norm)
+            with torch.no_grad():
+                robust = robust + _count_correct(model(x_adv), y)
+        total = total + y.numel()
+        if log_every and (i + 1) % log_every == 0:
+            log(f"  eval: {total.item()} images, clean {100 * clean.item() / total.item():.1f}%, "
+                f"PGD-{steps} {100 * robust.item() / total.item():.1f}% ({time.time() - t0:.0f}s)")
+    model.train(was_training)
+    counts = torch.stack([clean, robust, total])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    clean, robust, total = counts.tolist()
+    return 100.0 * clean / max(total, 1), 100.0 * robust / max(total, 1), total

@@ -1,0 +1,8 @@
+# AdvXL Table 1a: random masking of 50% of the tokens. Paper 72.0 / 51.9.
+# Pre-training only; fine-tune with config/advxl_ft_in1k.py --init_from=out/ablate_random50
+# (resize 112 px is config/advxl_vitb_in1k.py itself).
+exec(open('config/advxl_vitb_in1k.py').read())
+out_dir = 'out/ablate_random50'
+img_size = 224
+mask_ratio = 0.5
+mask_kind = 'random'

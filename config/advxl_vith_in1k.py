@@ -1,0 +1,9 @@
+# AdvXL Table 2: ViT-H/14 on ImageNet-1K, 256M@112 PGD-2 (+ config/advxl_ft_in1k.py).
+# Paper: 76.5 clean / 54.9 PGD-20; compute 5.7e10 GFLOPs.
+exec(open('config/advxl_vitb_in1k.py').read())
+out_dir = 'out/advxl_vith_in1k'
+model = 'vit_huge_patch14'
+drop_path_rate = 0.2              # MAE: 0.2 for ViT-L/H
+pgd_steps = 2                     # paper Table 2: PGD-2 in pre-training for ViT-H
+pgd_step_size = 3 / 255           # paper Table 1b: step 3/255 with 2 steps
+grad_ckpt = True                  # fits a larger micro-batch per GPU

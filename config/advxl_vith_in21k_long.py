@@ -1,0 +1,9 @@
+# AdvXL Table 2: ViT-H/14 on ImageNet-21K, 789M@84 PGD-2 (+ config/advxl_ft_in1k.py).
+# Paper: 79.0 clean / 60.5 PGD-20; compute 8.1.
+exec(open('config/advxl_vitl_in21k_long.py').read())
+out_dir = 'out/advxl_vith_in21k_long'
+model = 'vit_huge_patch14'
+img_size = 84                     # 6x6 patches of 14 px
+pgd_steps = 2
+pgd_step_size = 3 / 255           # paper Table 1b: step 3/255 with 2 steps
+grad_ckpt = True

@@ -1,0 +1,522 @@
+"""
+Data: the embedded demo dataset, the ImageFolder (ImageNet) pipeline and the webdataset
+(LAION, DataComp) pipeline. Images stay in [0,1]; normalisation happens inside the model.
+
+Training data is an endless stream counted in samples, not epochs: each pass is a seeded
+permutation, cut into global batches whose per-rank slices go to the ranks, so
+1 process x batch 2B and 2 processes x batch B see the same samples, and the stream
+position (samples consumed) is all a checkpoint needs to resume exactly. Augmentation
+randomness is seeded per sample position, so it does not depend on workers or ranks.
+"""
+import io
+import math
+import os
+import shutil
+import sys
+import tarfile
+from collections import namedtuple
+from urllib.parse import urlparse
+from urllib.request import url2pathname
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from torchvision import transforms as T
+from webdataset.gopen import gopen
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import base_plus_ext
+
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.ppm', '.tif', '.tiff', '.JPEG')
+
+
+# ----------------------------------------------------------------------------- demo data
+from demo_wip import DEMO_CLASSES, make_split  # noqa: E402  (merged below when final)
+
+
+DEMO_ROOT = 'data_cache/demo'
+
+
+def ensure_demo(root=DEMO_ROOT, n_train=12000, n_val=1000, seed=0, shard_size=1000):
+    """Generate the demo dataset once: an ImageFolder tree (train/, val/ of PNGs) and
+    webdataset shards (shards/{train,val}-NNNN.tar with .jpg, .txt, .cls). Returns root."""
+    if os.path.exists(os.path.join(root, 'DONE')):
+        return root
+    tmp = root + '.tmp'
+    shutil.rmtree(tmp, ignore_errors=True)
+    for split, n, split_seed in (('train', n_train, seed), ('val', n_val, seed + 1)):
+        images, labels, captions = make_split(n, split_seed)
+        for name in DEMO_CLASSES:
+            os.makedirs(os.path.join(tmp, split, name), exist_ok=True)
+        os.makedirs(os.path.join(tmp, 'shards'), exist_ok=True)
+        for start in range(0, n, shard_size):
+            with tarfile.open(os.path.join(tmp, 'shards', f'{split}-{start // shard_size:04d}.tar'), 'w') as tar:
+                for i in range(start, min(n, start + shard_size)):
+                    key = f'{split}_{i:06d}'
+                    img = Image.fromarray(images[i])
+                    img.save(os.path.join(tmp, split, DEMO_CLASSES[labels[i]], key + '.png'))
+                    buf = io.BytesIO()
+                    img.save(buf, format='JPEG', quality=95)
+                    for ext, payload in (('jpg', buf.getvalue()), ('txt', captions[i].encode()),
+                                         ('cls', str(int(labels[i])).encode())):
+                        info = tarfile.TarInfo(f'{key}.{ext}')
+                        info.size = len(payload)
+                        tar.addfile(info, io.BytesIO(payload))
+    open(os.path.join(tmp, 'DONE'), 'w').write(f'{n_train} train, {n_val} val, seed {seed}\n')
+    shutil.rmtree(root, ignore_errors=True)
+    os.rename(tmp, root)  # atomic: a half-written cache is never mistaken for a finished one
+    return root
+
+
+# ----------------------------------------------------------------------------- ImageFolder
+class ImageFolderSafe(Dataset):
+    """ImageNet-style folder of class subfolders. An unreadable image yields None (the collate
+    function drops and counts it) instead of killing the run. Items are (index, aug_seed)."""
+
+    def __init__(self, root, transform):
+        if not os.path.isdir(root):
+            raise SystemExit(f"data folder not found: {root} (set --data / --train_data to an ImageFolder "
+                             f"root with one subfolder per class, or leave data='demo')")
+        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        self.samples = [(os.path.join(root, c, f), i) for i, c in enumerate(self.classes)
+                        for f in sorted(os.listdir(os.path.join(root, c))) if f.endswith(IMG_EXTENSIONS)]
+        if not self.samples:
+            raise SystemExit(f"no images found under {root} (expected {root}/<class>/<image>.jpg|png)")
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, item):
+        index, aug_seed = item
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                img = img.convert('RGB')
+        except Exception:  # truncated, corrupt or not an image at all
+            return None
+        torch.manual_seed(aug_seed)  # torchvision's random transforms draw from torch's global RNG
+        return self.transform(img), label
+
+
+def collate_skip_bad(batch):
+    good = [b for b in batch if b is not None]
+    x = torch.stack([b[0] for b in good]) if good else torch.zeros(0)
+    y = torch.tensor([b[1] for b in good], dtype=torch.long)
+    return x, y, len(batch) - len(good)
+
+
+def collate_drop_bad(batch):
+    return collate_skip_bad(batch)[:2]
+
+
+class SampleStream(Sampler):
+    """Endless per-rank stream of (index, aug_seed). Pass p is a permutation seeded by
+    (seed, p), cut into global batches of world*batch_size; rank r takes slice r of each.
+    `start` is the number of samples this rank has already consumed (the resume point)."""
+
+    def __init__(self, n, batch_size, rank=0, world=1, seed=0, start=0):
+        self.n, self.bs, self.rank, self.world, self.seed, self.start = n, batch_size, rank, world, seed, start
+        self.global_bs = batch_size * world
+        self.per_pass = n // self.global_bs * self.global_bs  # drop the ragged tail of each pass
+        if self.per_pass == 0:
+            raise SystemExit(f"dataset of {n} images is smaller than one global batch ({self.global_bs}); lower batch_size")
+
+    def __iter__(self):
+        pos = self.start
+        while True:
+            p, local = divmod(pos, self.per_pass // self.world)
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + p))
+            for q in range(local, self.per_pass // self.world):
+                batch, within = divmod(q, self.bs)
+                j = batch * self.global_bs + self.rank * self.bs + within  # position in this pass
+                yield int(perm[j]), (self.seed * 1_000_003 + p) * 10_000_019 + j
+            pos = (p + 1) * (self.per_pass // self.world)
+
+
+def train_transform(img_size, crop_scale=(0.08, 1.0), hflip=True, randaug_n=2, randaug_m=9):
+    # anti-aliased bilinear resize: the paper's token reduction by resizing happens right here
+    t = [T.RandomResizedCrop(img_size, scale=crop_scale, interpolation=T.InterpolationMode.BILINEAR, antialias=True)]
+    if hflip:
+        t.append(T.RandomHorizontalFlip())
+    if randaug_n > 0:
+        t.append(T.RandAugment(num_ops=randaug_n, magnitude=randaug_m))
+    return T.Compose(t + [T.ToTensor()])
+
+
+def val_transform(img_size, crop_pct=0.875, interpolation='bilinear'):
+    mode = T.InterpolationMode.BICUBIC if interpolation == 'bicubic' else T.InterpolationMode.BILINEAR
+    return T.Compose([T.Resize(int(img_size / crop_pct), interpolation=mode, antialias=True),
+                      T.CenterCrop(img_size), T.ToTensor()])
+
+
+def image_folder_loader(root, transform, batch_size, rank=0, world=1, seed=0, start=0, num_workers=2):
+    """Endless training loader; yields (images, labels, n_bad) per rank."""
+    ds = ImageFolderSafe(root, transform)
+    stream = SampleStream(len(ds), batch_size, rank, world, seed, start)
+    return DataLoader(ds, sampler=stream, batch_size=batch_size, collate_fn=collate_skip_bad,
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+
+
+class _Fixed(Sampler):
+    def __init__(self, indices):
+        self.indices = indices
+
+    def __iter__(self):
+        return iter((i, 0) for i in self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def val_loader(root, transform, batch_size, max_samples=None, rank=0, world=1, num_workers=2, seed=0):
+    """A fixed validation subset (the same images every evaluation), sharded across ranks.
+    The subset is a seeded random choice, so a class-sorted folder still gives all classes."""
+    ds = ImageFolderSafe(root, transform)
+    n = len(ds) if max_samples is None else min(max_samples, len(ds))
+    subset = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
+    return DataLoader(ds, sampler=_Fixed(subset[rank::world]), batch_size=batch_size,
+                      collate_fn=collate_drop_bad, num_workers=num_workers)
+
+
+# ----------------------------------------------------------------------------- MixUp / CutMix
+def soft_targets(y, num_classes, smoothing=0.0):
+    return torch.full((y.shape[0], num_classes), smoothing / num_classes, device=y.device).scatter_(
+        1, y.unsqueeze(1), 1 - smoothing + smoothing / num_classes)
+
+
+def mix_batch(x, targets, mixup_alpha=0.0, cutmix_alpha=0.0):
+    """MixUp or CutMix (chosen with equal odds when both are on) with the batch reversed, as
+    timm does for MAE/DeiT recipes. Returns mixed images and mixed soft targets."""
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        return x, targets
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand(()).item() < 0.5)
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    if use_cutmix:
+        H, W = x.shape[-2:]
+        h, w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
+        cy, cx = torch.randint(H, ()).item(), torch.randint(W, ()).item()
+        y0, y1, x0, x1 = max(cy - h // 2, 0), min(cy + h // 2, H), max(cx - w // 2, 0), min(cx + w // 2, W)
+        x = x.clone()
+        x[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)  # the area actually pasted
+    else:
+        x = lam * x + (1 - lam) * x.flip(0)
+    return x, lam * targets + (1 - lam) * targets.flip(0)
+
+
+# ----------------------------------------------------------------------------- webdataset
+# Image-text webdataset shards (img2dataset layout: {key}.jpg|png|webp, {key}.txt, optional
+# {key}.json and {key}.cls) as an endless, resumable, DDP-aware stream for the web-scale
+# contrastive stage.
+#
+# Why plain `tarfile` and not webdataset's pipeline: webdataset 1.0.2 has no resume, its
+# resampled shard lists draw shards with replacement (duplicates within a pass), and its
+# error handlers drop samples without telling anyone. Here each stream reads its shards
+# itself, so a position is just (shard counter, samples read from that shard) and every
+# skipped sample is counted. webdataset is still used for what it does well: pattern
+# expansion (braces, '::', env vars) and opening local files, `pipe:` commands and URLs.
+#
+# Layout: global stream g = rank * num_workers + worker reads the shard sequence
+# S[base + g + k*G], k = 0, 1, ..., where G = world_size * num_workers and S is the endless
+# concatenation of per-pass permutations of the shard list (seeded by (seed, pass)). Within
+# a pass every shard is read exactly once, by one stream; fewer shards than streams is fine.
+#
+# Resume is exact: a batch carries its stream's state (shard counter, samples read, the
+# shuffle buffer as (shard counter, index) references, batch counter); all randomness of a
+# batch (shuffle draws, crops, flips) is seeded by (seed, stream, batch counter); and the
+# DataLoader's worker round-robin is rotated to restart at the stream that was due. So a
+# resumed run yields the same batches, in the same order, as an uninterrupted one, given
+# the same shards, seed, world size, num_workers, batch size and buffer size (resuming
+# refills each buffer by re-reading its last few shards). With another layout the streams
+# restart from the earliest open shard: up to G shards are read twice and the buffers'
+# contents are lost (a one-line warning says so). Batches the loader had prefetched but the
+# training loop had not consumed are produced again, as they should be.
+IMAGE_EXTS = ('jpg', 'jpeg', 'png', 'webp')
+KEEP_EXTS = IMAGE_EXTS + ('txt', 'cls')
+SKIP_KINDS = ('bad_samples', 'bad_shards')  # undecodable/incomplete samples; truncated/unreadable shards
+
+WebBatch = namedtuple('WebBatch', 'image text key label')  # label: LongTensor, -1 where no .cls, or None
+
+
+# -------------------------------------------------------------------- shards
+def _local_path(url):
+    """The file a url names, or None for pipes and remote urls (checked when opened)."""
+    scheme = urlparse(url).scheme
+    if scheme == 'file':
+        return url2pathname(urlparse(url).path)
+    return url if scheme == '' and url != '-' else None
+
+
+def expand_shards(pattern):
+    """'/data/laion/{00000..41407}.tar' (or '::'-joined patterns, or a list) -> list of
+    urls. Local files are checked up front: a missing one is a one-line error."""
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    urls = [u for p in patterns for u in expand_urls(p)]
+    if not urls:
+        raise SystemExit(f"no shards match '{pattern}'")
+    missing = [u for u in urls if _local_path(u) is not None and not os.path.isfile(_local_path(u))]
+    if missing:
+        more = f" (and {len(missing) - 1} more of {len(urls)} shards)" if len(missing) > 1 else ''
+        raise SystemExit(f"missing shard: {missing[0]}{more}")
+    return urls
+
+
+def iter_tar_samples(url, skip=0, wanted=None, keep=KEEP_EXTS):
+    """(index, sample) for the samples of one shard, a sample being {'__key__', ext: bytes}
+    of consecutive members sharing a key (webdataset's grouping). Samples with index < skip,
+    or not in `wanted`, are counted but their bytes not read. A truncated or unreadable
+    shard raises (tarfile.ReadError, OSError, ...) after the last complete sample; the
+    sample being read when it broke is never yielded."""
+    last = max(wanted) if wanted else None
+    stream = gopen(url, 'rb')
+    try:
+        tar = tarfile.open(fileobj=stream, mode='r|*')
+        cur, idx = None, -1
+        use = lambda i: i >= skip and (wanted is None or i in wanted)
+        for info in tar:
+            if not info.isreg():
+                continue
+            key, ext = base_plus_ext(info.name)
+            if key is None:
+                continue
+            if cur is None or key != cur['__key__']:
+                if cur is not None and use(idx):
+                    yield idx, cur
+                if last is not None and idx >= last:
+                    return
+                idx, cur = idx + 1, {'__key__': key}
+            ext = ext.lower()
+            if ext in keep and use(idx):
+                cur[ext] = tar.extractfile(info).read()
+        if cur is not None and use(idx):
+            yield idx, cur
+    finally:
+        try:
+            stream.close()
+        except Exception:  # a pipe closed early may report a non-zero status
+            pass
+
+
+# -------------------------------------------------------------------- decoding
+def _crop_box(w, h, rng, scale, ratio):
+    """torchvision's RandomResizedCrop parameters, drawn from a numpy Generator."""
+    area = w * h
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_r))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return left, top, left + cw, top + ch
+    r = w / h  # fallback: central crop at the nearest allowed ratio
+    cw, ch = (w, round(w / ratio[0])) if r < ratio[0] else (round(h * ratio[1]), h) if r > ratio[1] else (w, h)
+    left, top = (w - cw) // 2, (h - ch) // 2
+    return left, top, left + cw, top + ch
+
+
+def decode_sample(s, img_size, rng, train=True, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
+                  interpolation='bilinear'):
+    """Raw sample -> (uint8 (3, S, S) numpy array, caption, key, label). Train: random resized
+    crop (open_clip's default scale (0.9, 1)) and flip; eval: resize the short side and
+    centre-crop. PIL's bilinear/bicubic resize is anti-aliased (the paper's 112 px
+    pre-training resizes with anti-aliasing). Raises on anything undecodable."""
+    data = next((s[e] for e in IMAGE_EXTS if e in s), None)
+    if data is None or 'txt' not in s:
+        raise ValueError('sample has no image or no caption')
+    text = s['txt'].decode('utf-8', errors='replace')
+    label = int(s['cls'].decode().strip()) if 'cls' in s else -1
+    im = Image.open(io.BytesIO(data))
+    d = math.ceil(img_size / math.sqrt(scale[0])) if train else img_size  # even the smallest crop keeps ~img_size px
+    im.draft('RGB', (d, d))  # JPEG: decode at a reduced scale (DCT-domain, fast) no smaller than d x d
+    im = im.convert('RGB')
+    w, h = im.size
+    if train:
+        box = _crop_box(w, h, rng, scale, ratio)
+    else:
+        side = min(w, h)
+        box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+    resample = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC}[interpolation]
+    im = im.resize((img_size, img_size), resample, box=box)
+    if train and rng.random() < hflip:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    img = np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
+    return img, text, s['__key__'], label
+
+
+# -------------------------------------------------------------------- streams
+def shard_index(pos, n_shards, seed):
+    """Shard at position pos of the endless sequence: pass pos // n, permuted per pass."""
+    p, i = divmod(pos, n_shards)
+    return int(np.random.default_rng([seed, p]).permutation(n_shards)[i])
+
+
+def new_stream_state():
+    return {'k': 0, 'n': 0, 'b': 0, 'buf': [], 'skipped': dict.fromkeys(SKIP_KINDS, 0)}
+
+
+class _Reader:
+    """Reads the stream's shards in order; (k, n) = shard counter and samples read from it."""
+
+    def __init__(self, ds, g, st):
+        self.ds, self.g, self.k, self.n, self.skipped = ds, g, st['k'], st['n'], st['skipped']
+        self.it = None
+
+    def url(self, k):
+        ds = self.ds
+        return ds.urls[shard_index(ds.base + self.g + k * ds.G, len(ds.urls), ds.seed)]
+
+    def next(self):
+        while True:
+            if self.it is None:
+                self.it = iter_tar_samples(self.url(self.k), skip=self.n)
+            try:
+                j, s = next(self.it)
+                self.n = j + 1
+                return (self.k, j), s
+            except StopIteration:
+                pass
+            except Exception as e:
+                self.skipped['bad_shards'] += 1
+                print(f"webdata: skipping the rest of {self.url(self.k)}: {type(e).__name__}: {e}", file=sys.stderr)
+            self.it, self.k, self.n = None, self.k + 1, 0
+
+    def refill(self, refs):
+        """Re-read the samples a checkpointed shuffle buffer held (a few recent shards)."""
+        got = {}
+        for k in sorted({k for k, _ in refs}):
+            want = {j for kk, j in refs if kk == k}
+            try:
+                for j, s in iter_tar_samples(self.url(k), skip=min(want), wanted=want):
+                    got[(k, j)] = s
+            except Exception:
+                pass
+        lost = sum((k, j) not in got for k, j in refs)
+        self.skipped['bad_samples'] += lost
+        return [((k, j), got[(k, j)]) for k, j in refs if (k, j) in got]
+
+
+class WebStream(IterableDataset):
+    """Each (rank, worker) yields whole batches from its own stream: (uint8 or float
+    images, captions, keys, labels, meta) with meta = {'stream', 'state'}."""
+
+    def __init__(self, urls, img_size, batch_size, rank, world_size, num_workers, seed, shuffle_buffer,
+                 streams, base, first_worker, train, uint8, decode_kw):
+        super().__init__()
+        self.urls, self.img_size, self.batch_size = urls, img_size, batch_size
+        self.rank, self.W = rank, max(1, num_workers)
+        self.G = world_size * self.W
+        self.seed, self.buffer, self.streams, self.base = seed, max(1, shuffle_buffer), streams, base
+        self.first_worker, self.train, self.uint8, self.decode_kw = first_worker, train, uint8, decode_kw
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid = info.id if info is not None else 0
+        g = self.rank * self.W + (wid + self.first_worker) % self.W  # rotation: resume where the round-robin stopped
+        st = self.streams.get(g) or new_stream_state()
+        st = {**st, 'skipped': dict(st['skipped'])}
+        reader = _Reader(self, g, st)
+        buf = reader.refill([tuple(r) for r in st['buf']])
+        b = st['b']
+        while True:
+            rng = np.random.default_rng([self.seed, g, b])  # a batch's randomness depends on (seed, stream, batch) only
+            imgs, texts, keys, labels = [], [], [], []
+            while len(imgs) < self.batch_size:
+                while len(buf) < self.buffer:
+                    buf.append(reader.next())
+                j = int(rng.integers(len(buf)))
+                buf[j], buf[-1] = buf[-1], buf[j]
+                _, s = buf.pop()
+                try:
+                    img, text, key, label = decode_sample(s, self.img_size, rng, self.train, **self.decode_kw)
+                except Exception:
+                    reader.skipped['bad_samples'] += 1
+                    continue
+                imgs.append(img), texts.append(text), keys.append(key), labels.append(label)
+            b += 1
+            # numpy, not torch: tiny torch ops on a busy CPU wait on the intra-op thread pool (100x slower)
+            x = np.stack(imgs)
+            x = torch.from_numpy(x if self.uint8 else x.astype(np.float32) / np.float32(255))
+            state = {'k': reader.k, 'n': reader.n, 'b': b, 'buf': [list(r) for r, _ in buf],
+                     'skipped': dict(reader.skipped)}
+            yield x, texts, keys, torch.tensor(labels), {'stream': g, 'state': state}
+
+
+class WebLoader:
+    """Endless batches WebBatch(image (B,3,S,S) in [0,1], text list[str], key list[str],
+    label LongTensor or None) for this rank. Counts exactly what it yields (`samples`,
+    `batches`) and what it skipped (`skipped`: totals over this rank's streams;
+    `skipped_last`: in the latest batch), and `state_dict()` restores the stream exactly
+    (see the module docstring). Iterating again continues from the current state."""
+
+    def __init__(self, pattern, img_size, batch_size, rank=0, world_size=1, seed=0, num_workers=2,
+                 shuffle_buffer=1000, state=None, train=True, uint8=False, pin_memory=False, **decode_kw):
+        self.urls = expand_shards(pattern)
+        self.img_size, self.batch_size, self.rank, self.world_size = img_size, batch_size, rank, world_size
+        self.seed, self.num_workers, self.shuffle_buffer = seed, num_workers, shuffle_buffer
+        self.train, self.uint8, self.pin_memory, self.decode_kw = train, uint8, pin_memory, decode_kw
+        self.streams, self.base, self.batches, self.samples = {}, 0, 0, 0
+        self.skipped_last = dict.fromkeys(SKIP_KINDS, 0)
+        if state:
+            self.load_state_dict(state)
+
+    def layout(self):
+        return {'n_shards': len(self.urls), 'world_size': self.world_size, 'num_workers': max(1, self.num_workers),
+                'seed': self.seed, 'batch_size': self.batch_size, 'shuffle_buffer': self.shuffle_buffer}
+
+    @property
+    def skipped(self):
+        return {k: sum(st['skipped'][k] for st in self.streams.values()) for k in SKIP_KINDS}
+
+    def state_dict(self):
+        return {'layout': self.layout(), 'base': self.base, 'streams': dict(self.streams),
+                'ranks': {self.rank: {'batches': self.batches, 'samples': self.samples}}}
+
+    def load_state_dict(self, state):
+        r = state['ranks'].get(self.rank) or state['ranks'].get(str(self.rank)) or {'batches': 0, 'samples': 0}
+        self.batches, self.samples = r['batches'], r['samples']
+        streams = {int(g): st for g, st in state['streams'].items()}
+        if state['layout'] == self.layout():
+            self.base, self.streams = state['base'], streams
+            return
+        # another layout: restart every stream at the earliest shard any stream had open
+        old = state['layout']
+        G = old['world_size'] * old['num_workers']
+        pos = [state['base'] + g + st['k'] * G for g, st in streams.items()]
+        self.base, self.streams = (min(pos) if pos else 0), {}
+        print(f"webdata: resuming with another layout ({old} -> {self.layout()}): restarting at shard position "
+              f"{self.base}; up to {G} shards are read twice and the shuffle buffers are lost", file=sys.stderr)
+
+    def __iter__(self):
+        W = max(1, self.num_workers)
+        ds = WebStream(self.urls, self.img_size, self.batch_size, self.rank, self.world_size, self.num_workers,
+                       self.seed, self.shuffle_buffer, dict(self.streams), self.base, self.batches % W, self.train,
+                       self.uint8, self.decode_kw)
+        dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                        persistent_workers=False)
+        for x, texts, keys, labels, meta in dl:
+            prev = self.streams.get(meta['stream'], new_stream_state())['skipped']
+            self.skipped_last = {k: meta['state']['skipped'][k] - prev[k] for k in SKIP_KINDS}
+            self.streams[meta['stream']] = meta['state']
+            self.batches += 1
+            self.samples += len(texts)
+            yield WebBatch(x, texts, keys, labels if bool((labels >= 0).all()) else None)
+
+
+def web_loader(pattern, img_size, batch_size, rank=0, world_size=1, seed=0, num_workers=2, state=None, **kw):
+    """See WebLoader. Under DDP, checkpoint all ranks' states:
+        states = [None] * world; dist.all_gather_object(states, loader.state_dict())
+        ckpt['data'] = merge_states(states)     # every rank then resumes from ckpt['data']"""
+    return WebLoader(pattern, img_size, batch_size, rank, world_size, seed, num_workers, state=state, **kw)
+
+
+def merge_states(states):
+    """One state from the per-rank state_dicts (streams are keyed by global stream id)."""
+    out = {'layout': states[0]['layout'], 'base': states[0]['base'], 'streams': {}, 'ranks': {}}
+    for s in states:
+        out['streams'].update(s['streams'])
+        out['ranks'].update(s['ranks'])
+    return out

@@ -1,0 +1,313 @@
+"""CPU tests for the contrastive (web-data) path: clip_head.py and data.py's webdataset reader."""
+import copy
+import io
+import math
+import os
+import socket
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import clip_head as ch  # noqa: E402
+import data as wd  # noqa: E402
+from model import create_model  # noqa: E402
+
+N_SHARDS, PER_SHARD = 8, 4
+
+
+# -------------------------------------------------------------------- fixtures
+def _jpg(seed, size=(20, 16)):
+    arr = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, 'JPEG')
+    return buf.getvalue()
+
+
+def _write_shard(path, samples):
+    with tarfile.open(path, 'w') as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                ti = tarfile.TarInfo(f'{key}.{ext}')
+                ti.size = len(data)
+                tar.addfile(ti, io.BytesIO(data))
+
+
+def _sample(s, i):
+    return f'{s:03d}{i:04d}', {'jpg': _jpg(s * 100 + i), 'txt': f'caption {s} {i}'.encode(), 'cls': str(s).encode()}
+
+
+@pytest.fixture(scope='module')
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp('shards')
+    for s in range(N_SHARDS):
+        _write_shard(root / f'{s:05d}.tar', [_sample(s, i) for i in range(PER_SHARD)])
+    # bad set: a = 4 good; b = 3 good + an undecodable jpg; c = truncated inside its 3rd sample
+    bad = root / 'bad'
+    bad.mkdir()
+    _write_shard(bad / 'a.tar', [_sample(100, i) for i in range(4)])
+    b = [_sample(101, i) for i in range(4)]
+    b[3][1]['jpg'] = b'\xff\xd8\xff not a jpeg'
+    _write_shard(bad / 'b.tar', b)
+    _write_shard(bad / 'c.tar', [_sample(102, i) for i in range(4)])
+    with tarfile.open(bad / 'c.tar') as t:
+        cut = next(m for m in t.getmembers() if m.name == '1020002.jpg').offset_data + 10
+    data = (bad / 'c.tar').read_bytes()
+    (bad / 'c.tar').write_bytes(data[:cut])
+    return root
+
+
+@pytest.fixture(scope='module')
+def tower():
+    return ch.load_text_tower('tiny-text', pretrained=None, seed=0)
+
+
+# -------------------------------------------------------------------- data stream
+def test_streams_see_disjoint_shards_within_a_pass(shards):
+    # 2 ranks x 2 workers, batch = one shard, no shuffle: each batch is one whole shard
+    seen = []
+    for rank in range(2):
+        loader = wd.web_loader(str(shards / '{00000..00007}.tar'), 16, PER_SHARD, rank=rank, world_size=2,
+                               num_workers=2, shuffle_buffer=1, seed=3)
+        it = iter(loader)
+        for _ in range(N_SHARDS // 2):  # one pass: 8 shards over 4 streams
+            batch = next(it)
+            shard_ids = {k[:3] for k in batch.key}
+            assert len(shard_ids) == 1 and len(batch.key) == PER_SHARD
+            seen.append(shard_ids.pop())
+            assert batch.image.shape == (PER_SHARD, 3, 16, 16) and batch.image.dtype == torch.float32
+            assert 0 <= batch.image.min() and batch.image.max() <= 1
+            assert batch.text[0].startswith('caption') and batch.label is not None
+        assert loader.samples == N_SHARDS // 2 * PER_SHARD
+    assert sorted(seen) == [f'{s:03d}' for s in range(N_SHARDS)]  # every shard once, none twice
+    # the shard order: each pass a permutation, also with fewer shards than streams
+    for n, G in ((8, 4), (3, 4)):
+        for p in range(3):
+            assert sorted(wd.shard_index(p * n + i, n, 0) for i in range(n)) == list(range(n))
+
+
+def test_resume_is_exact(shards):
+    kw = dict(pattern=str(shards / '{00000..00007}.tar'), img_size=16, batch_size=3, num_workers=2,
+              shuffle_buffer=6, seed=1)
+    ref = []
+    for i, b in enumerate(wd.web_loader(**kw)):
+        ref.append(b)
+        if i == 7:
+            break
+    first = wd.web_loader(**kw)
+    for i, b in enumerate(first):
+        assert b.key == ref[i].key
+        if i == 2:
+            break
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    state = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    resumed = wd.web_loader(**kw, state=state)
+    for i, b in enumerate(resumed, start=3):
+        assert b.key == ref[i].key
+        assert torch.equal(b.image, ref[i].image)  # same crops and flips too
+        if i == 7:
+            break
+    assert resumed.samples == 8 * 3 and resumed.batches == 8
+    assert any(len({k[:3] for k in b.key}) > 1 for b in ref)  # the buffer mixes shards
+
+
+def test_bad_samples_and_shards_are_skipped_and_counted(shards, capsys):
+    loader = wd.web_loader(str(shards / 'bad' / '{a,b,c}.tar'), 16, 1, num_workers=0, shuffle_buffer=1)
+    keys, skipped = [], {k: 0 for k in wd.SKIP_KINDS}
+    for i, b in enumerate(loader):
+        keys.append(b.key[0])
+        skipped = {k: skipped[k] + loader.skipped_last[k] for k in skipped}
+        if i == 9:
+            break
+    good = {f'100{i:04d}' for i in range(4)} | {f'101{i:04d}' for i in range(3)} | {f'102{i:04d}' for i in range(2)}
+    assert set(keys[:9]) == good  # one pass: every readable sample once
+    assert loader.skipped == {'bad_samples': 1, 'bad_shards': 1} == skipped
+    assert 'c.tar' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        wd.expand_shards(str(shards / 'bad' / '{a,b,c,d}.tar'))
+    assert 'd.tar' in str(e.value) and '\n' not in str(e.value)
+
+
+# -------------------------------------------------------------------- loss
+def _eq2_by_hand(x, t, s):
+    x, t = F.normalize(x.double(), dim=-1), F.normalize(t.double(), dim=-1)
+    n, total = len(x), 0.0
+    for i in range(n):
+        i2t = s * (x[i] @ t[i]) - torch.logsumexp(torch.stack([s * (x[i] @ t[j]) for j in range(n)]), 0)
+        t2i = s * (t[i] @ x[i]) - torch.logsumexp(torch.stack([s * (x[j] @ t[i]) for j in range(n)]), 0)
+        total += i2t + t2i
+    return -total / (2 * n)
+
+
+def test_loss_is_eq2():
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    loss = ch.ContrastiveLoss(init_scale=7.3)
+    assert torch.allclose(loss(x, t).double(), _eq2_by_hand(x, t, 7.3), atol=1e-5)
+    assert math.isclose(ch.ContrastiveLoss().scale().item(), 1 / 0.07, rel_tol=1e-5)
+    big = ch.ContrastiveLoss(init_scale=1000.0)  # clamped at 100, as CLIP
+    assert torch.allclose(big(x, t).double(), _eq2_by_hand(x, t, 100.0), atol=1e-4)
+    l = loss(x, t)
+    l.backward()
+    assert loss.logit_scale.grad is not None and loss.logit_scale.grad != 0
+
+
+class _Pair(nn.Module):
+    def __init__(self, net, loss):
+        super().__init__()
+        self.net, self.loss = net, loss
+
+    def forward(self, x, t):
+        return self.loss(self.net(x), t)
+
+
+def _ddp_worker(rank, port):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        x, t = torch.randn(8, 10), torch.randn(8, 6)
+        net, loss = nn.Linear(10, 6), ch.ContrastiveLoss(init_scale=10.0)
+        ref_net, ref_loss = copy.deepcopy(net), copy.deepcopy(loss)
+        ref = ref_loss(ref_net(x), t, gather=False)  # single process, whole batch
+        ref.backward()
+        ddp = nn.parallel.DistributedDataParallel(_Pair(net, loss))
+        local = slice(4 * rank, 4 * rank + 4)
+        out = ddp(x[local], t[local])
+        out.backward()
+        assert torch.allclose(out, ref, atol=1e-6), (out, ref)
+        for p, q in ((net.weight, ref_net.weight), (net.bias, ref_net.bias), (loss.logit_scale, ref_loss.logit_scale)):
+            assert torch.allclose(p.grad, q.grad, atol=1e-6), (p.grad, q.grad)
+        # the attack's loss is local: no collectives, the rank's own batch only
+        local_loss = ch.attack_loss_fn(loss)(net(x[local]), t[local])
+        assert torch.allclose(local_loss, ch.contrastive_loss(net(x[local]), t[local], loss.scale()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_loss_and_grads_match_single_process():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(port,), nprocs=2, join=True)
+
+
+def test_pgd_raises_contrastive_loss_and_stays_in_ball(tower):
+    try:
+        from attack import pgd
+    except ImportError:
+        pytest.skip('attack.py not available')
+    torch.manual_seed(0)
+    model = create_model('vit_pico_patch4', embed_out=tower.embed_dim)
+    x = torch.rand(6, 3, 32, 32)
+    txt = tower.encode([f'a photo of thing {i}' for i in range(6)])
+    loss = ch.ContrastiveLoss()
+    eps = 8 / 255
+    x_adv = pgd(model, x, txt, ch.attack_loss_fn(loss), eps=eps, step_size=2 / 255, steps=5)
+    with torch.no_grad():
+        clean, adv = loss(model(x), txt), loss(model(x_adv), txt)
+    assert adv > clean + 1e-3, (clean, adv)
+    assert (x_adv - x).abs().max() <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+# -------------------------------------------------------------------- zero-shot
+def test_zeroshot_head(tower):
+    names, templates = ch.imagenet_classnames(), ch.imagenet_templates()
+    assert len(names) == 1000 and names[0] == 'tench' and len(templates) == 80
+    assert all(t.count('{}') == 1 for t in templates)
+    w = ch.zeroshot_weights(tower, names[:10], templates[:4])
+    assert w.shape == (10, tower.embed_dim) and torch.allclose(w.norm(dim=-1), torch.ones(10), atol=1e-5)
+    by_hand = F.normalize(tower.encode([t.format(names[3]) for t in templates[:4]]).mean(0), dim=-1)
+    assert torch.allclose(w[3], by_hand, atol=1e-6)
+
+    torch.manual_seed(0)
+    model = create_model('vit_pico_patch4', embed_out=tower.embed_dim).eval()
+    with torch.no_grad():
+        model.head.bias.normal_(0, 0.05)  # a non-zero projection bias must be carried over too
+    zs = ch.ZeroShotClassifier(model, w).eval()
+    x = torch.rand(16, 3, 32, 32)
+    ft = copy.deepcopy(model)
+    ft.head = ch.head_from_zeroshot(model, w)
+    with torch.no_grad():
+        z, zs_logits, ft_logits = model(x), zs(x), ft(x)
+    assert torch.equal(zs_logits.argmax(1), ft_logits.argmax(1))
+    # with feature_norm = |z| of an image, that image's logits are the zero-shot logits
+    ft.head = ch.head_from_zeroshot(model, w, feature_norm=z[0].norm().item())
+    with torch.no_grad():
+        assert torch.allclose(ft(x[:1]), zs_logits[:1], atol=1e-4)
+
+
+# -------------------------------------------------------------------- text tower
+def test_cache_matches_fresh_computation(tower):
+    tower._cache.clear()
+    e1 = tower.encode(['a dog', 'a cat', 'a ship'])
+    misses = tower.misses
+    e2 = tower.encode(['a cat', 'a dog', 'a cat', 'a car'])
+    assert tower.misses == misses + 1  # only 'a car' ran through the tower
+    assert torch.equal(e2[0], e1[1]) and torch.equal(e2[1], e1[0]) and torch.equal(e2[2], e1[1])
+    fresh = ch.load_text_tower('tiny-text', pretrained=None, seed=0)  # same seed: same weights
+    assert torch.allclose(fresh.encode(['a cat', 'a dog', 'a cat', 'a car'], cache=False), e2, atol=1e-6)
+    assert torch.allclose(e2.norm(dim=-1), torch.ones(4)) and e2.dtype == torch.float32
+    assert not any(p.requires_grad for p in tower.parameters()) and not tower.train().training
+    assert not hasattr(tower.clip, 'visual')
+
+
+@pytest.mark.parametrize('fmt', ['bin', 'safetensors'])
+def test_tower_from_local_file(tmp_path, fmt):
+    oc = ch._open_clip()
+    torch.manual_seed(5)
+    full = oc.create_model('tiny-text', pretrained=None).eval()
+    path = str(tmp_path / f'open_clip_model.{fmt}')
+    if fmt == 'bin':
+        torch.save(full.state_dict(), path)
+    else:
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in full.state_dict().items()}, path)
+    tower = ch.load_text_tower('tiny-text', pretrained=path)
+    tok = oc.get_tokenizer('tiny-text')
+    with torch.no_grad():
+        want = F.normalize(full.encode_text(tok(['a photo of a dog'])), dim=-1)
+    assert torch.allclose(tower.encode(['a photo of a dog']), want, atol=1e-6)
+
+
+def test_offline_error_is_one_line_and_fast(tmp_path, monkeypatch):
+    cases = [dict(env='1'), dict(env=None)]  # HF_HUB_OFFLINE=1; or no network found by the probe
+    for case in cases:
+        if case['env']:
+            monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+        else:
+            monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+            monkeypatch.setattr(ch, '_online', lambda *a, **k: False)
+        t = time.time()
+        with pytest.raises(SystemExit) as e:
+            ch.load_text_tower('ViT-L-14-CLIPA', 'datacomp1b', cache_dir=str(tmp_path))
+        msg = str(e.value)
+        assert time.time() - t < 5 and '\n' not in msg
+        assert 'ViT-L-14-CLIPA' in msg and 'datacomp1b' in msg and 'pretrained=/path/' in msg
+    with pytest.raises(SystemExit) as e:
+        ch.load_text_tower('tiny-text', pretrained='/no/such/open_clip_pytorch_model.bin')
+    assert '/no/such/open_clip_pytorch_model.bin' in str(e.value) and '\n' not in str(e.value)
+
+
+def test_caption_side_file(tower, shards, tmp_path):
+    out = tmp_path / 'captions.pt'
+    n = ch.precompute_caption_embeddings(tower, str(shards / '{00000..00007}.tar'), out, batch_size=10)
+    assert n == N_SHARDS * PER_SHARD
+    emb = ch.load_caption_embeddings(out)
+    keys = ['0030002', '0000000', '0070003']
+    want = tower.encode(['caption 3 2', 'caption 0 0', 'caption 7 3'])
+    got = emb[keys]
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=2e-3)
+    with pytest.raises(KeyError):
+        emb[['nope']]
