@@ -49,7 +49,7 @@ PRESETS = {
     'vit_large_patch16': dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
     'vit_huge_patch14':  dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
     'vit_giant_patch14': dict(patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=48 / 11),
-    'vit_demo_patch4':   dict(img_size=32, patch_size=4, embed_dim=192, depth=6, num_heads=3, num_classes=10),
+    'vit_demo_patch4':   dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=2, num_classes=10),
     'vit_pico_patch4':   dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=10),
 }
 

@@ -33,10 +33,10 @@ from model import ViT, ViTConfig, create_model, config_from_timm_state_dict, cle
 # I/O
 out_dir = 'out/demo_pre'
 init_from = 'scratch'      # 'scratch' | 'resume' (this out_dir) | path to another run's out_dir or ckpt (new stage)
-log_every = 2048           # samples between log lines (also when SIGTERM and NaN are checked)
+log_every = 8192           # samples between log lines (also when SIGTERM and NaN are checked)
 eval_every = 0             # samples between evaluations on the fixed val subset; 0 = only at the end
 eval_samples = 256         # size of that fixed subset
-final_eval_samples = 500   # images for the final table; 0 = the whole val set
+final_eval_samples = 200   # images for the final table; 0 = the whole val set
 ckpt_every = 0             # samples between checkpoints; 0 = only at the end (and on SIGTERM)
 wandb_log = False
 wandb_project = 'nanoadvxl'
@@ -44,8 +44,8 @@ wandb_project = 'nanoadvxl'
 data = 'demo'              # 'demo' | 'imagefolder' | 'webdataset'
 train_data = ''            # ImageFolder train root, or a shard pattern for webdataset
 val_data = ''              # ImageFolder val root (labelled)
-num_workers = 2
-crop_scale = (0.35, 1.0)   # RandomResizedCrop scale range
+num_workers = 1            # DataLoader workers per rank (the demo decodes ~1000 img/s on one)
+crop_scale = (1.0, 1.0)    # RandomResizedCrop scale range; (1, 1) = resize the whole image
 hflip = True
 randaug_n = 0              # RandAugment ops (0 = off)
 randaug_m = 9              # RandAugment magnitude
@@ -82,15 +82,15 @@ eval_eps = 0.0             # 0 = same as eps
 eval_pgd_steps = 20
 eval_step_size = 1 / 255
 # optimisation
-samples = 50000            # this stage's budget, in samples seen
+samples = 80000            # this stage's budget, in samples seen
 batch_size = 64            # global batch per optimizer step (all ranks, all micro-steps)
 micro_batch_size = 0       # per rank per forward; 0 = batch_size / world size (no accumulation)
-lr = 1e-3
+lr = 1.5e-3
 min_lr = 1e-5
-warmup_samples = 5000
+warmup_samples = 3000
 weight_decay = 0.05
 beta1 = 0.9
-beta2 = 0.999
+beta2 = 0.95
 grad_clip = 1.0
 ema_decay = 0.0            # 0 = no EMA; otherwise evaluate and hand on the EMA weights
 # system
