@@ -76,13 +76,13 @@ eps = 8 / 255
 pgd_steps = 1
 pgd_step_size = 8 / 255
 pgd_random_start = True
-eps_warmup = 20000         # samples over which eps (and the step size) ramp up linearly from 0
+eps_warmup = 16000         # samples over which eps (and the step size) ramp up linearly from 0
 # attack (evaluation): PGD-20, step 1/255, at the training eps unless set
 eval_eps = 0.0             # 0 = same as eps
 eval_pgd_steps = 20
 eval_step_size = 1 / 255
 # optimisation
-samples = 80000            # this stage's budget, in samples seen
+samples = 64000            # this stage's budget, in samples seen
 batch_size = 64            # global batch per optimizer step (all ranks, all micro-steps)
 micro_batch_size = 0       # per rank per forward; 0 = batch_size / world size (no accumulation)
 lr = 1.5e-3
@@ -97,6 +97,7 @@ ema_decay = 0.0            # 0 = no EMA; otherwise evaluate and hand on the EMA 
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 dtype = 'bfloat16' if torch.cuda.is_available() else 'float32'
 compile = False
+cpu_threads = 0            # torch threads per rank on CPU; 0 = cores / ranks - workers (oversubscribed cores crawl)
 seed = 0
 peak_flops = 989e12        # dense bf16 peak of one GPU, for MFU (H100 SXM)
 dry_run = False            # print this stage's plan and compute, touch nothing
@@ -188,6 +189,8 @@ grad_accum = batch_size // (micro * world)
 if grad_accum * micro * world != batch_size:
     raise SystemExit(f"batch_size {batch_size} is not a multiple of micro_batch_size {micro} x {world} ranks")
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+if device_type == 'cpu':
+    torch.set_num_threads(cpu_threads or max(1, (os.cpu_count() or 1) // world - num_workers))
 autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
@@ -362,7 +365,7 @@ got_sigterm = False
 
 def on_sigterm(signum, frame):
     global got_sigterm
-    got_sigterm = True  # acted on at the next log point, where all ranks agree
+    got_sigterm = True  # acted on after this step (one process) or at the next log point (DDP: all ranks agree)
 
 
 signal.signal(signal.SIGTERM, on_sigterm)
@@ -415,7 +418,8 @@ while samples_seen < samples:
     step += 1
 
     done = samples_seen >= samples
-    if samples_seen // log_every > (samples_seen - batch_size) // log_every or done:
+    # a log point: every log_every samples, at the end, and (one process) right after a SIGTERM
+    if samples_seen // log_every > (samples_seen - batch_size) // log_every or done or (got_sigterm and not ddp):
         sums = torch.stack([acc_loss, acc_correct, bad_images.to(device).float()])
         maxes = torch.stack([first_bad_step.float(), torch.tensor(float(got_sigterm), device=device)])
         if ddp:

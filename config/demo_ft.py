@@ -4,9 +4,9 @@
 out_dir = 'out/demo_ft'
 init_from = 'out/demo_pre'
 img_size = 32
-samples = 12000
+samples = 8000
 lr = 1e-3
-warmup_samples = 1000
+warmup_samples = 800
 pgd_steps = 3
 pgd_step_size = 2.5 * (8 / 255) / 3   # 2.5 eps / steps: the usual PGD step rule
 eps_warmup = 0                        # stage 1 already ramped eps up
