@@ -241,13 +241,12 @@ torch.manual_seed(seed)
 raw_model = ViT(ViTConfig(**model_args))
 samples_seen, compute_prev = 0, 0.0
 if src is not None:
-    weights = src.get('ema') or src.get('model', src)
-    if init_from == 'resume':
-        raw_model.load_timm_state_dict(weights)
+    if init_from == 'resume':  # the trained weights (the EMA, if any, is restored below)
+        raw_model.load_timm_state_dict(src['model'])
         samples_seen = src['samples_seen']
         compute_prev = src['compute_prev']
     else:  # a new stage: weights only (pos embed resized; a new head if the task changed)
-        sd = clean_state_dict(weights)
+        sd = clean_state_dict(src.get('ema') or src.get('model', src))  # a new stage takes the EMA weights if kept
         new_head = sd['head.weight'].shape != raw_model.head.weight.shape
         raw_model.load_timm_state_dict(sd, skip_head=new_head)
         if new_head and tower is not None and not web:  # web -> labels: start from the zero-shot classifier
