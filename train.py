@@ -431,7 +431,7 @@ while samples_seen < samples:
         n = samples_seen - last_log_samples
         dt, t_last = time.time() - t_last, time.time()
         if n_bad > max_bad_frac * samples_seen:
-            raise SystemExit(f"{n_bad} unreadable images in {samples_seen} samples exceeds max_bad_frac={max_bad_frac}; "
+            raise SystemExit(f"{int(n_bad)} unreadable images in {samples_seen} samples exceeds max_bad_frac={max_bad_frac}; "
                              f"check {train_data}")
         record = {'stage': stage, 'samples': samples_seen, 'loss': loss_sum / (n / batch_size),
                   'adv_acc': 100 * correct / n, 'lr': lr_at(samples_seen - batch_size), 'eps': eps_now,
