@@ -189,7 +189,8 @@ def render(rng, label, size=32):
     bg = _background(rng, bg_kind, size)
     img = bg * (1 - mask) + fg[None, None, :] * mask
     img = np.round(img * 255).clip(0, 255).astype(np.uint8)
-    caption = f"a photo of a {'large' if big else 'small'} {colour_name} {DEMO_CLASSES[label]} on a {bg_kind} background"
+    caption = (f"{DEMO_CLASSES[label]}: a {'large' if big else 'small'} {colour_name} {DEMO_CLASSES[label]} on "
+               f"{dict(striped='stripes', checkered='checks', dotted='dots', noisy='noise')[bg_kind]}")
     return img, caption
 
 
@@ -208,7 +209,7 @@ def make_split(n, seed, size=32):
 
 
 DEMO_ROOT = 'data_cache/demo'
-DEMO_VERSION = 2  # bump when the generator changes: a cache written by another version is rebuilt
+DEMO_VERSION = 3  # bump when the generator changes: a cache written by another version is rebuilt
 
 
 def ensure_demo(root=DEMO_ROOT, n_train=12000, n_val=1000, seed=0, shard_size=1000):

@@ -220,7 +220,7 @@ if web or (src is not None and src_cfg.get('data') == 'webdataset'):
                             precision='bf16' if dtype == 'bfloat16' else 'fp32', seed=seed)
     from clip_head import imagenet_classnames
     classnames = imagenet_classnames() if num_classes == 1000 else datalib.ImageFolderSafe(val_data, None).classes
-    zs_weights = zeroshot_weights(tower, classnames, list(prompt_templates) or None).to(device)
+    zs_weights = zeroshot_weights(tower, classnames, list(tower_cfg['prompt_templates']) or None).to(device)
 if web:
     model_args['embed_out'] = tower.embed_dim
 
@@ -343,7 +343,7 @@ def save_checkpoint():
                          f"in {out_dir} (lower lr or check the data)")
     ckpt = {'model': raw_model.state_dict(), 'model_args': model_args, 'optimizer': optimizer.state_dict(),
             'ema': ema.state_dict() if ema is not None else None, 'samples_seen': samples_seen,
-            'compute': compute_1e10 * samples_seen / samples, 'compute_prev': compute_prev,
+            'compute': fwd_macs * samples_seen / 1e19, 'compute_prev': compute_prev,
             'stage': os.path.basename(out_dir), 'config': config, 'data_state': states,
             'contrastive': contrastive.state_dict() if web else None}
     tmp = os.path.join(out_dir, 'ckpt.pt.tmp')
@@ -435,7 +435,7 @@ while samples_seen < samples:
                              f"check {train_data}")
         record = {'stage': stage, 'samples': samples_seen, 'loss': loss_sum / (n / batch_size),
                   'adv_acc': 100 * correct / n, 'lr': lr_at(samples_seen - batch_size), 'eps': eps_now,
-                  'img_per_s': n / dt, 'compute_1e10': compute_prev + compute_1e10 * samples_seen / samples,
+                  'img_per_s': n / dt, 'compute_1e10': compute_prev + fwd_macs * samples_seen / 1e19,
                   'bad_images': int(n_bad)}
         mfu = ''
         if device_type == 'cuda':  # FLOPs: train fwd+bwd = 3x forward, each attack step 2x forward
@@ -459,7 +459,7 @@ while samples_seen < samples:
                                         norm, autocast=autocast)
         log(f"eval {samples_seen}: clean {clean:.2f}% | PGD-{eval_pgd_steps} {robust:.2f}%")
         write_log({'stage': stage, 'samples': samples_seen, 'clean_acc': clean, 'pgd20_acc': robust,
-                   'compute_1e10': compute_prev + compute_1e10 * samples_seen / samples})
+                   'compute_1e10': compute_prev + fwd_macs * samples_seen / 1e19})
     if ckpt_every and samples_seen // ckpt_every > (samples_seen - batch_size) // ckpt_every and not done:
         save_checkpoint()
 

@@ -326,22 +326,22 @@ def test_train_py_web_stage_then_zero_shot_then_fine_tune(tmp_path):
     import data
     root = data.ensure_demo(str(tmp_path / 'demo'), n_train=1200, n_val=200, shard_size=200)
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    common = ['--data=webdataset', f"--train_data={root}/shards/train-{{0000..0005}}.tar",
-              f'--val_data={root}/val', '--text_tower=tiny-text', "--text_pretrained=''", '--model=vit_pico_patch4',
+    common = ['config/demo_clip.py', f"--train_data={root}/shards/train-{{0000..0005}}.tar",
+              f'--val_data={root}/val',
               '--batch_size=32', '--log_every=320', '--warmup_samples=320', '--eps_warmup=1000', '--num_workers=1',
               '--shuffle_buffer=100', '--final_eval_samples=200', f'--out_dir={tmp_path}/web']
     run = lambda *a: subprocess.run([sys.executable, 'train.py', *common, *a], cwd=ROOT, env=env,
                                     capture_output=True, text=True, timeout=600)
-    r = run('--samples=1600')
+    r = run('--samples=9600')
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.load(open(tmp_path / 'web' / 'results.json'))
     assert res['clean_acc'] > 20  # 10 classes: chance is 10%
     ck = torch.load(tmp_path / 'web' / 'ckpt.pt', weights_only=True)
-    assert ck['model_args']['embed_out'] == 64 and ck['data_state']['ranks'][0]['samples'] == 1600
-    r = run('--samples=1920', '--init_from=resume')
+    assert ck['model_args']['embed_out'] == 256 and ck['data_state']['ranks'][0]['samples'] == 9600
+    r = run('--samples=10240', '--init_from=resume')
     assert r.returncode == 0 and 'resumed' in r.stdout, r.stderr[-2000:]
     res = json.load(open(tmp_path / 'web' / 'results.json'))
-    assert torch.load(tmp_path / 'web' / 'ckpt.pt', weights_only=True)['data_state']['ranks'][0]['samples'] == 1920
+    assert torch.load(tmp_path / 'web' / 'ckpt.pt', weights_only=True)['data_state']['ranks'][0]['samples'] == 10240
     ft = subprocess.run([sys.executable, 'train.py', '--data=imagefolder', f'--train_data={root}/train',
                          f'--val_data={root}/val', f'--init_from={tmp_path}/web', '--samples=0',
                          '--final_eval_samples=200', f'--out_dir={tmp_path}/ft', '--num_workers=0'],

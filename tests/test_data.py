@@ -19,8 +19,8 @@ def test_demo_split_is_deterministic_balanced_and_captioned():
     assert not np.array_equal(a, data.make_split(60, seed=4)[0])
     assert np.bincount(ya, minlength=10).tolist() == [6] * 10
     assert a.shape == (60, 32, 32, 3) and a.dtype == np.uint8
-    for y, c in zip(ya, ca):  # the caption names the class that was drawn
-        assert c.startswith('a photo of a ') and f' {data.DEMO_CLASSES[y]} on a ' in c
+    for y, c in zip(ya, ca):  # the caption names the class that was drawn, first and in the phrase
+        assert c.startswith(f'{data.DEMO_CLASSES[y]}: a ') and f' {data.DEMO_CLASSES[y]} on ' in c
 
 
 def test_demo_cache_has_imagefolder_and_readable_shards(tmp_path):
