@@ -208,3 +208,9 @@ def test_every_config_dry_runs():
 def test_dry_run_compute_matches_the_paper(pre, arch, ft, paper):
     total = dry_run(f'config/{pre}.py') + sum(dry_run(f'config/{f}.py', f'--model={arch}') for f in ft)
     assert abs(total - paper) / paper < 0.03, total
+
+
+def test_compiled_model_trains_on_cpu(folder, tmp_path):
+    """compile=True: attacks and training go through torch.compile's module (inductor on CPU)."""
+    r = run(args_for(folder, tmp_path / 'c', compile=True, samples=32, final_eval_samples=6))
+    assert 'c 32/32' in r.stdout and os.path.exists(tmp_path / 'c' / 'results.json')
