@@ -452,6 +452,7 @@ while samples_seen < samples:
             save_checkpoint()
             log(f"SIGTERM: checkpoint written at {samples_seen} samples; resume with --init_from=resume")
             if ddp:
+                dist.barrier()
                 dist.destroy_process_group()
             sys.exit(0)
     if eval_every and (samples_seen // eval_every > (samples_seen - batch_size) // eval_every) and not done:
@@ -479,4 +480,5 @@ if master:
           f"| {stage} | {samples_seen} | {results['eps'] * 255:g}/255 | {clean:.1f}% | {robust:.1f}% | "
           f"{results['wall_s']:.0f}s |")
 if ddp:
+    dist.barrier()  # leave together: a rank that tears down gloo while another still talks to it aborts
     dist.destroy_process_group()
