@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as datalib
 from attack import evaluate_pgd, pgd
-from clip_head import ContrastiveLoss, ZeroShotClassifier, attack_loss_fn, head_from_zeroshot, zeroshot_weights
+from clip_head import (ContrastiveLoss, ZeroShotClassifier, attack_loss_fn, head_from_zeroshot, imagenet_classnames,
+                       load_text_tower, zeroshot_weights)
 from model import ViT, ViTConfig, create_model, config_from_timm_state_dict, clean_state_dict
 
 # -----------------------------------------------------------------------------
@@ -169,7 +170,7 @@ if dry_run:
           f"PGD-{pgd_steps} eps {eps * 255:g}/255 step {pgd_step_size * 255:g}/255, "
           f"{fwd_macs / (pgd_steps + 1) / 1e9:.2f} GMACs forward/sample, batch {batch_size}, "
           f"{math.ceil(samples / batch_size)} steps")
-    print(f"compute_1e10_gflops={compute_1e10:.4f}")
+    print(f"compute_1e10_gflops={compute_1e10:.6g}")
     sys.exit(0)
 
 # ----------------------------------------------------------------------------- setup
@@ -214,11 +215,9 @@ val_tf = datalib.val_transform(img_size, val_crop_pct)
 src_cfg = (src or {}).get('config', {})
 tower = None
 if web or (src is not None and src_cfg.get('data') == 'webdataset'):
-    from clip_head import load_text_tower
-    tower_cfg = config if web else src_cfg
+    tower_cfg = config if web else src_cfg  # a labelled stage rebuilds the web run's own tower and prompts
     tower = load_text_tower(tower_cfg['text_tower'], tower_cfg['text_pretrained'] or None, device,
-                            precision='bf16' if dtype == 'bfloat16' else 'fp32', seed=seed)
-    from clip_head import imagenet_classnames
+                            precision='bf16' if dtype == 'bfloat16' else 'fp32', seed=tower_cfg['seed'])
     classnames = imagenet_classnames() if num_classes == 1000 else datalib.ImageFolderSafe(val_data, None).classes
     zs_weights = zeroshot_weights(tower, classnames, list(tower_cfg['prompt_templates']) or None).to(device)
 if web:
