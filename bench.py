@@ -5,7 +5,7 @@ So far one row: AutoAttack, eval_autoattack.py against the official code (pyauto
 timm + torchattacks baseline, two-stage vs one-stage, GPU MFU) are issue #6's.
 
 $ python train.py && python train.py config/demo_ft.py     # the demo's robust model
-$ python bench.py --quick                                   # 100 demo val points, L_inf 8/255
+$ python bench.py --quick                                   # 30 demo val points, L_inf 8/255
 Prints a markdown table and writes bench.json.
 """
 import argparse
@@ -54,14 +54,14 @@ def bench_autoattack(ckpt, n, norm, eps, seed, bs):
 
 def main():
     ap = argparse.ArgumentParser(description='nanoAdvXL benchmarks')
-    ap.add_argument('--quick', action='store_true', help='100 points instead of 500')
+    ap.add_argument('--quick', action='store_true', help='30 points instead of 500')
     ap.add_argument('--ckpt', default='out/demo_ft', help='robust model to attack (default: the demo)')
     ap.add_argument('--n', type=int, default=0, help='points (default 100 with --quick, else 500)')
     ap.add_argument('--norm', default='Linf')
     ap.add_argument('--eps', default='8/255')
     args = ap.parse_args()
     torch.manual_seed(0)
-    n = args.n or (100 if args.quick else 500)
+    n = args.n or (30 if args.quick else 500)
     r = bench_autoattack(args.ckpt, n, args.norm, ea.parse_eps(args.eps), 0, 250)
     print(f"\nAutoAttack standard {args.norm} eps {args.eps} on {r['points']} of {args.ckpt} "
           f"({time.strftime('%Y-%m-%d')}, {torch.get_num_threads()} CPU threads)\n")
