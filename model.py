@@ -201,13 +201,13 @@ class ViT(nn.Module):
         return self.head(self.forward_features(x, mask_ratio, mask_kind))
 
     # ---------------------------------------------------------------- compute
-    def flops(self, img_size=None, mask_ratio=0.0):
+    def flops(self, img_size=None, mask_ratio=0.0, mask_kind='random'):
         """Forward multiply-accumulates by the paper's convention (RECIPE.md): patch embedding,
         qkv/proj/MLP matmuls and the two attention matmuls; norms, GELU and the head ignored."""
         c = self.config
         img_size = img_size or c.img_size
         n_patches = (img_size // c.patch_size) ** 2
-        n = num_kept_tokens(n_patches, mask_ratio) + self.num_prefix
+        n = num_kept_tokens(n_patches, mask_ratio, mask_kind) + self.num_prefix
         D, hidden = c.embed_dim, int(c.embed_dim * c.mlp_ratio)
         patch = n_patches * c.in_chans * c.patch_size ** 2 * D
         block = n * D * 3 * D + 2 * n * n * D + n * D * D + 2 * n * D * hidden

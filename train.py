@@ -149,7 +149,7 @@ def stage_compute(cfg):
     """Forward MACs x (PGD steps + 1) x samples, in 1e10 GFLOPs (the paper's Table 2 column)."""
     with torch.device('meta'):
         m = ViT(ViTConfig(**cfg))
-    per_sample = m.flops(img_size, mask_ratio) * (pgd_steps + 1)
+    per_sample = m.flops(img_size, mask_ratio, mask_kind) * (pgd_steps + 1)
     return per_sample, per_sample * samples / 1e19
 
 

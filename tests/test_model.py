@@ -106,6 +106,9 @@ def test_flops_by_hand():
     assert abs(b.flops(224) / 1e9 - 17.56) < 0.01  # the paper's ~17.6 G
     assert abs(b.flops(112) / 1e9 - 4.3) < 0.05    # and ~4.3 G
     assert b.flops(224, mask_ratio=0.5) == vit_macs(196, 99, 768, 12, 3072, 768)
+    # 4x4 grid keeping 30%: random keeps round(11.2) = 11 tokens, block masking a 3x4 block of 12
+    assert b.flops(64, 0.3, 'random') == vit_macs(16, 12, 768, 12, 3072, 768)
+    assert b.flops(64, 0.3, 'block') == vit_macs(16, 13, 768, 12, 3072, 768)
     with torch.device('meta'):
         h = M.create_model('vit_huge_patch14')
     assert h.flops(84) == vit_macs(36, 37, 1280, 32, 5120, 588)
