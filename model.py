@@ -7,6 +7,8 @@ A self-contained Vision Transformer for adversarial training, tiny to giant.
   loads with prefix stripping only, and `timm_state_dict()` exports that layout back.
 - Variable resolution: the learned position embedding is resized (bicubic) to the input's
   patch grid; token reduction by random or block masking for the paper's Table 1a.
+- ConvNeXt (the paper's Table 3 baseline) with the same interface and timm's `convnext_*`
+  layout; a convolutional net takes any resolution natively and has no tokens to mask.
 """
 import math
 from dataclasses import dataclass, asdict, fields
@@ -41,6 +43,28 @@ class ViTConfig:
     grad_ckpt: bool = False        # activation checkpointing per block (memory for ViT-H/g)
 
 
+@dataclass
+class ConvNeXtConfig:
+    img_size: int = 224
+    patch_size: int = 4            # stem conv kernel = stride (timm's name); 4 in every timm convnext_*
+    in_chans: int = 3
+    num_classes: int = 1000
+    depths: tuple = (3, 3, 9, 3)   # blocks per stage; each stage after the first halves the resolution
+    dims: tuple = (96, 192, 384, 768)
+    drop_path_rate: float = 0.0
+    ls_init_value: float = 1e-6    # layer scale (gamma) init
+    embed_out: int = 0             # > 0: project to a CLIP embedding of this width instead of a class head
+    norm_eps: float = 1e-6
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    grad_ckpt: bool = False        # activation checkpointing per block
+
+    def __post_init__(self):
+        self.depths, self.dims = tuple(self.depths), tuple(self.dims)  # a config read back may hold lists
+        if len(self.depths) != len(self.dims):
+            raise ValueError(f"depths {self.depths} and dims {self.dims} must have one entry per stage")
+
+
 # timm's shapes; the demo presets use patch 4 so a 16-32 px image still has 16-64 tokens
 PRESETS = {
     'vit_tiny_patch16':  dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
@@ -51,17 +75,34 @@ PRESETS = {
     'vit_giant_patch14': dict(patch_size=14, embed_dim=1408, depth=40, num_heads=16, mlp_ratio=48 / 11),
     'vit_demo_patch4':   dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=2, num_classes=10),
     'vit_pico_patch4':   dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=10),
+    # ConvNeXt presets start with 'convnext' (that is how create_model picks the class) and always name dims
+    'convnext_tiny':     dict(depths=(3, 3, 9, 3), dims=(96, 192, 384, 768)),
+    'convnext_small':    dict(depths=(3, 3, 27, 3), dims=(96, 192, 384, 768)),
+    'convnext_base':     dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024)),
+    'convnext_large':    dict(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536)),
+    # stem stride 1 (not 4): at 32 px the deep third stage sees 8x8, as the demo ViT's tokens do (at 224
+    # ConvNeXt's third stage and ViT-B/16 both see 14x14); the demo's 16 px stage keeps a 2x2 last stage
+    'convnext_demo':     dict(img_size=32, patch_size=1, depths=(1, 1, 3, 1), dims=(32, 64, 128, 256), num_classes=10),
 }
+
+
+def is_convnext(name):
+    return name.startswith('convnext')
 
 
 def create_model(name, **overrides):
     if name not in PRESETS:
         raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(PRESETS)}")
-    known = {f.name for f in fields(ViTConfig)}
+    known = {f.name for f in fields(ConvNeXtConfig if is_convnext(name) else ViTConfig)}
     bad = sorted(set(overrides) - known)
     if bad:
         raise ValueError(f"unknown model option(s) {bad} for '{name}'; known: {sorted(known)}")
-    return ViT(ViTConfig(**{**PRESETS[name], **overrides}))
+    return build_model({**PRESETS[name], **overrides})
+
+
+def build_model(args):
+    """A model from a stored asdict(config): a ConvNeXt if it has 'dims', else a ViT."""
+    return ConvNeXt(ConvNeXtConfig(**args)) if 'dims' in args else ViT(ViTConfig(**args))
 
 
 def drop_path(x, p, training):
@@ -96,11 +137,10 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, dim, hidden):
         super().__init__()
-        hidden = int(cfg.embed_dim * cfg.mlp_ratio)
-        self.fc1 = nn.Linear(cfg.embed_dim, hidden)
-        self.fc2 = nn.Linear(hidden, cfg.embed_dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(F.gelu(self.fc1(x)))  # exact GELU, as timm and the AdvXL checkpoints
@@ -112,7 +152,7 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.attn = Attention(cfg)
         self.norm2 = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
-        self.mlp = Mlp(cfg)
+        self.mlp = Mlp(cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio))
         self.drop_path_rate = drop_path_rate
 
     def forward(self, x):
@@ -213,6 +253,16 @@ class ViT(nn.Module):
         block = n * D * 3 * D + 2 * n * n * D + n * D * D + 2 * n * D * hidden
         return patch + c.depth * block
 
+    # ---------------------------------------------------------------- classifier (the final nn.Linear)
+    def classifier_key(self):
+        return 'head'
+
+    def get_classifier(self):
+        return self.head
+
+    def set_classifier(self, linear):
+        self.head = linear
+
     # ---------------------------------------------------------------- timm interop
     def timm_state_dict(self):
         return {k: v.detach().clone() for k, v in self.state_dict().items()}
@@ -222,23 +272,13 @@ class ViT(nn.Module):
         ours), optionally wrapped in 'state_dict'/'model' and prefixed 'module.'/'base_model.'.
         The position embedding is resized when the file was trained at another resolution.
         skip_head=True leaves this model's head as it is (a new task)."""
-        sd = clean_state_dict(sd)
-        own = self.state_dict()
-        if skip_head:
-            sd = {k: v for k, v in sd.items() if not k.startswith('head.')}
-            own = {k: v for k, v in own.items() if not k.startswith('head.')}
-        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"state dict does not fit {self.describe()}: missing keys {missing[:8]}"
-                             f"{'...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
-                             f"{'...' if len(unexpected) > 8 else ''}")
+        sd, own = state_dicts_to_match(self, sd, skip_head)
+        require_same_keys(sd, own, self.describe())
         if sd['pos_embed'].shape != own['pos_embed'].shape:
             prefix, grid = sd['pos_embed'][:, :self.num_prefix], sd['pos_embed'][:, self.num_prefix:]
             g = int(math.sqrt(own['pos_embed'].shape[1] - self.num_prefix))
             sd['pos_embed'] = torch.cat([prefix, resize_pos_grid(grid, (g, g))], 1)
-        bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if v.shape != own[k].shape]
-        if bad:
-            raise ValueError(f"state dict does not fit {self.describe()}: shape mismatch {bad[:4]}")
+        require_same_shapes(sd, own, self.describe())
         self.load_state_dict(sd, strict=not skip_head)
         self._pos_cache = {}
         return self
@@ -296,6 +336,129 @@ def mask_tokens(x, grid_hw, mask_ratio, kind='random'):
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, D))
 
 
+# -------------------------------------------------------------------- ConvNeXt
+# timm's convnext_* layout: stem (patch_size x patch_size conv of that stride, 4x4/4 in timm; LN) ->
+# stages of blocks, each stage after the first opening with a downsample (LN, 2x2/2 conv) ->
+# global average pool -> head.norm -> head.fc.
+class LayerNorm2d(nn.LayerNorm):
+    # LayerNorm over the channels of an NCHW map (timm's LayerNorm2d: same parameters)
+    def forward(self, x):
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, cfg, dim, drop_path_rate):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(dim, 4 * dim)
+        self.gamma = nn.Parameter(torch.full((dim,), cfg.ls_init_value))  # layer scale
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x):
+        # the depthwise 7x7 mixes space; norm, MLP and layer scale act per position, channels last
+        y = self.gamma * self.mlp(self.norm(self.conv_dw(x).permute(0, 2, 3, 1)))
+        return x + drop_path(y.permute(0, 3, 1, 2), self.drop_path_rate, self.training)
+
+
+def refuse_masking(mask_ratio):
+    if mask_ratio > 0:
+        raise ValueError("masking is a ViT token operation; use img_size (resizing) to reduce ConvNeXt's compute")
+
+
+class ConvNeXt(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.register_buffer('mean', torch.tensor(cfg.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(cfg.std).view(1, -1, 1, 1), persistent=False)
+        p, dims = cfg.patch_size, cfg.dims
+        self.stem = nn.Sequential(nn.Conv2d(cfg.in_chans, dims[0], p, p), LayerNorm2d(dims[0], eps=cfg.norm_eps))
+        n = sum(cfg.depths)
+        dpr = iter([cfg.drop_path_rate * i / max(n - 1, 1) for i in range(n)])  # deeper blocks drop more
+        self.stages = nn.ModuleList()
+        for i, (depth, dim) in enumerate(zip(cfg.depths, dims)):
+            down = nn.Identity() if i == 0 else nn.Sequential(LayerNorm2d(dims[i - 1], eps=cfg.norm_eps),
+                                                              nn.Conv2d(dims[i - 1], dim, 2, 2))
+            blocks = nn.Sequential(*[ConvNeXtBlock(cfg, dim, next(dpr)) for _ in range(depth)])
+            self.stages.append(nn.ModuleDict(dict(downsample=down, blocks=blocks)))
+        self.head = nn.ModuleDict(dict(norm=nn.LayerNorm(dims[-1], eps=cfg.norm_eps),
+                                       fc=nn.Linear(dims[-1], cfg.embed_out or cfg.num_classes)))
+        self.init_weights()
+
+    def init_weights(self):
+        # timm's: truncated normal for every conv and linear (its head_init_scale defaults to 1: no rescale)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+    # ---------------------------------------------------------------- forward
+    def forward_features(self, x, mask_ratio=0.0, mask_kind='random'):
+        """Pooled, head-normed features. Any size works; a side that is not a multiple of the
+        total stride (32 with the 4x4 stem) loses its last rows/columns at the strided convs, as in timm."""
+        refuse_masking(mask_ratio)
+        stride = self.config.patch_size * 2 ** (len(self.stages) - 1)
+        if min(x.shape[-2:]) < stride:
+            raise ValueError(f"input {x.shape[-2]}x{x.shape[-1]} is smaller than ConvNeXt's total stride {stride}")
+        x = self.stem((x - self.mean) / self.std)
+        for stage in self.stages:
+            x = stage.downsample(x)
+            for blk in stage.blocks:
+                if self.config.grad_ckpt and self.training and torch.is_grad_enabled():
+                    x = checkpoint(blk, x, use_reentrant=False)
+                else:
+                    x = blk(x)
+        return self.head.norm(x.mean(dim=(2, 3)))  # pool first, then norm (the original ConvNeXt order)
+
+    def forward(self, x, mask_ratio=0.0, mask_kind='random'):
+        return self.head.fc(self.forward_features(x, mask_ratio, mask_kind))
+
+    # ---------------------------------------------------------------- compute
+    def flops(self, img_size=None, mask_ratio=0.0, mask_kind='random'):
+        """Forward multiply-accumulates by ViT.flops' convention: stem, depthwise 7x7, the two MLP
+        linears and the downsampling convs; norms, GELU, layer scale and the head ignored."""
+        refuse_masking(mask_ratio)
+        c = self.config
+        h = (img_size or c.img_size) // c.patch_size
+        macs = h * h * c.in_chans * c.patch_size ** 2 * c.dims[0]
+        for i, (depth, D) in enumerate(zip(c.depths, c.dims)):
+            if i > 0:
+                h //= 2
+                macs += h * h * c.dims[i - 1] * 4 * D
+            macs += depth * h * h * (49 * D + 2 * D * 4 * D)
+        return macs
+
+    # ---------------------------------------------------------------- classifier (the final nn.Linear)
+    def classifier_key(self):
+        return 'head.fc'
+
+    def get_classifier(self):
+        return self.head.fc
+
+    def set_classifier(self, linear):
+        self.head.fc = linear
+
+    # ---------------------------------------------------------------- timm interop
+    def timm_state_dict(self):
+        return {k: v.detach().clone() for k, v in self.state_dict().items()}
+
+    def load_timm_state_dict(self, sd, skip_head=False):
+        """Load a timm convnext_* state dict (or ours), wrapped and prefixed as ViT's loader
+        accepts. skip_head=True leaves head.fc as it is (a new task); head.norm is loaded."""
+        sd, own = state_dicts_to_match(self, sd, skip_head)
+        require_same_keys(sd, own, self.describe())
+        require_same_shapes(sd, own, self.describe())
+        self.load_state_dict(sd, strict=not skip_head)
+        return self
+
+    def describe(self):
+        c = self.config
+        return (f"ConvNeXt(depths {'-'.join(map(str, c.depths))}, widths {'-'.join(map(str, c.dims))}, "
+                f"stem {c.patch_size}, {c.img_size}px, head {c.embed_out or c.num_classes})")
+
+
 # -------------------------------------------------------------------- files
 def clean_state_dict(sd):
     for wrapper in ('state_dict', 'model'):
@@ -310,19 +473,58 @@ def clean_state_dict(sd):
     return out
 
 
+def state_dicts_to_match(model, sd, skip_head):
+    """The cleaned file and the model's own state dict, both without the classifier under skip_head."""
+    sd, own = clean_state_dict(sd), model.state_dict()
+    if skip_head:
+        head = model.classifier_key() + '.'
+        sd = {k: v for k, v in sd.items() if not k.startswith(head)}
+        own = {k: v for k, v in own.items() if not k.startswith(head)}
+    return sd, own
+
+
+def require_same_keys(sd, own, what):
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"state dict does not fit {what}: missing keys {missing[:8]}"
+                         f"{'...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                         f"{'...' if len(unexpected) > 8 else ''}")
+
+
+def require_same_shapes(sd, own, what):
+    bad = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items() if v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f"state dict does not fit {what}: shape mismatch {bad[:4]}")
+
+
 def config_from_timm_state_dict(sd, arch=None):
     """Architecture of a timm ViT state dict: the preset with the same patch, width and depth
-    (heads cannot be read off the weights), or `arch` when given."""
+    (heads cannot be read off the weights), or `arch` when given. A timm ConvNeXt state dict
+    (it has 'stem.0.weight') gives a ConvNeXtConfig read off the weights, at the resolution of
+    `arch` or 224."""
     sd = clean_state_dict(sd)
+    if arch is not None and (arch not in PRESETS or is_convnext(arch) != ('stem.0.weight' in sd)):
+        kind = 'ConvNeXt' if 'stem.0.weight' in sd else 'ViT'
+        raise ValueError(f"arch '{arch}' is not a {kind} preset, as this state dict needs; choose one of: "
+                         f"{', '.join(n for n in PRESETS if is_convnext(n) == (kind == 'ConvNeXt'))}")
+    if 'stem.0.weight' in sd:
+        w = sd['stem.0.weight']
+        n_stages = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('stages.'))
+        depths = tuple(1 + max(int(k.split('.')[3]) for k in sd if k.startswith(f'stages.{i}.blocks.'))
+                       for i in range(n_stages))
+        dims = (w.shape[0],) + tuple(sd[f'stages.{i}.downsample.1.weight'].shape[0] for i in range(1, n_stages))
+        return ConvNeXtConfig(**{**(PRESETS[arch] if arch else {}), 'depths': depths, 'dims': dims,
+                                 'patch_size': w.shape[2], 'in_chans': w.shape[1],
+                                 'num_classes': sd['head.fc.weight'].shape[0]})
     w = sd['patch_embed.proj.weight']
     D, C, p = w.shape[0], w.shape[1], w.shape[2]
     depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('blocks.'))
     if arch is None:
-        matches = [n for n, a in PRESETS.items()
-                   if (a['patch_size'], a['embed_dim'], a['depth']) == (p, D, depth)]
+        matches = [n for n, a in PRESETS.items() if not is_convnext(n)
+                   and (a['patch_size'], a['embed_dim'], a['depth']) == (p, D, depth)]
         if not matches:
             raise ValueError(f"no preset has patch {p}, width {D}, depth {depth}: pass arch=<preset> "
-                             f"(one of {', '.join(PRESETS)}) with any overrides")
+                             f"(one of {', '.join(n for n in PRESETS if not is_convnext(n))}) with any overrides")
         arch = matches[0]
     class_token = 'cls_token' in sd
     n_pos = sd['pos_embed'].shape[1] - int(class_token)
@@ -334,8 +536,8 @@ def config_from_timm_state_dict(sd, arch=None):
 
 
 def model_from_file(path, arch=None, **overrides):
-    """A model from this project's checkpoint (has 'model_args') or a timm / official AdvXL
-    state dict (architecture from `arch` or matched to a preset). Not put in eval mode."""
+    """A ViT or ConvNeXt from this project's checkpoint (has 'model_args') or a timm / official
+    AdvXL state dict (architecture from `arch` or read off the weights). Not put in eval mode."""
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except FileNotFoundError:
@@ -344,9 +546,7 @@ def model_from_file(path, arch=None, **overrides):
         raise SystemExit(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]} "
                          f"(is it a torch state dict saved with torch.save?)")
     if isinstance(ckpt, dict) and 'model_args' in ckpt:
-        cfg = ViTConfig(**{**ckpt['model_args'], **overrides})
+        args = ckpt['model_args']
     else:
-        cfg = config_from_timm_state_dict(ckpt, arch)
-        for k, v in overrides.items():
-            setattr(cfg, k, v)
-    return ViT(cfg).load_timm_state_dict(ckpt)
+        args = asdict(config_from_timm_state_dict(ckpt, arch))
+    return build_model({**args, **overrides}).load_timm_state_dict(ckpt)

@@ -28,14 +28,14 @@ import data as datalib
 from attack import evaluate_pgd, pgd
 from clip_head import (ContrastiveLoss, ZeroShotClassifier, attack_loss_fn, head_from_zeroshot, imagenet_classnames,
                        load_text_tower, zeroshot_weights)
-from model import ViT, ViTConfig, create_model, config_from_timm_state_dict, clean_state_dict
+from model import build_model, clean_state_dict, config_from_timm_state_dict, create_model, is_convnext
 
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = 'out/demo_pre'
 init_from = 'scratch'      # 'scratch' | 'resume' (this out_dir) | path to another run's out_dir or ckpt (new stage)
 log_every = 8192           # samples between log lines (also when SIGTERM and NaN are checked)
-eval_every = 0             # samples between evaluations on the fixed val subset; 0 = only at the end
+eval_every = 16000         # samples between evaluations on the fixed val subset (plot.py's curves); 0 = only at the end
 eval_samples = 256         # size of that fixed subset
 final_eval_samples = 200   # images for the final table; 0 = the whole val set
 ckpt_every = 0             # samples between checkpoints; 0 = only at the end (and on SIGTERM)
@@ -128,7 +128,8 @@ def stage_model_config(src_ckpt):
     this stage's resolution, class count and regularisation."""
     stage = dict(img_size=img_size, num_classes=num_classes, drop_path_rate=drop_path_rate, grad_ckpt=grad_ckpt)
     if src_ckpt is None:
-        return asdict(create_model_meta(model, global_pool=global_pool, **stage).config)
+        vit_only = {} if is_convnext(model) else dict(global_pool=global_pool)
+        return asdict(create_model_meta(model, **vit_only, **stage).config)
     if 'model_args' in src_ckpt:
         args = dict(src_ckpt['model_args'])
     else:  # a timm / official AdvXL state dict: the preset named by `model` must fit it
@@ -148,7 +149,7 @@ def create_model_meta(name, **kw):
 def stage_compute(cfg):
     """Forward MACs x (PGD steps + 1) x samples, in 1e10 GFLOPs (the paper's Table 2 column)."""
     with torch.device('meta'):
-        m = ViT(ViTConfig(**cfg))
+        m = build_model(cfg)
     per_sample = m.flops(img_size, mask_ratio, mask_kind) * (pgd_steps + 1)
     return per_sample, per_sample * samples / 1e19
 
@@ -161,12 +162,16 @@ if init_from == 'resume':
 elif init_from != 'scratch' and (not dry_run or os.path.exists(ckpt_path(init_from))):
     src = load_checkpoint(init_from)
 model_args = dict(src['model_args']) if init_from == 'resume' and src else stage_model_config(src)
+if 'dims' in model_args and mask_ratio > 0:
+    raise SystemExit(f"mask_ratio={mask_ratio} on a ConvNeXt: masking is a ViT token operation; "
+                     f"reduce its compute with img_size (resizing) instead")
 fwd_macs, compute_1e10 = stage_compute(model_args)
 
 if dry_run:
-    n_tok = (img_size // model_args['patch_size']) ** 2
-    print(f"stage {os.path.basename(out_dir)}: {model} ({model_args['embed_dim']}w x {model_args['depth']}), "
-          f"{samples / 1e6:g}M samples at {img_size}px, {n_tok} patch tokens (mask {mask_ratio:g} {mask_kind}), "
+    with torch.device('meta'):
+        arch = build_model(model_args).describe()
+    print(f"stage {os.path.basename(out_dir)}: {arch}, {samples / 1e6:g}M samples at {img_size}px "
+          f"(mask {mask_ratio:g} {mask_kind}), "
           f"PGD-{pgd_steps} eps {eps * 255:g}/255 step {pgd_step_size * 255:g}/255, "
           f"{fwd_macs / (pgd_steps + 1) / 1e9:.2f} GMACs forward/sample, batch {batch_size}, "
           f"{math.ceil(samples / batch_size)} steps")
@@ -237,24 +242,26 @@ def zeroshot_feature_norm(backbone, proj):
 
 # model, optimizer, state
 torch.manual_seed(seed)
-raw_model = ViT(ViTConfig(**model_args))
-samples_seen, compute_prev = 0, 0.0
+raw_model = build_model(model_args)
+samples_seen, compute_prev, samples_prev = 0, 0.0, 0  # *_prev: earlier stages, for the logs' totals
 if src is not None:
     if init_from == 'resume':  # the trained weights (the EMA, if any, is restored below)
         raw_model.load_timm_state_dict(src['model'])
         samples_seen = src['samples_seen']
-        compute_prev = src['compute_prev']
+        compute_prev, samples_prev = src['compute_prev'], src.get('samples_prev', 0)
     else:  # a new stage: weights only (pos embed resized; a new head if the task changed)
         sd = clean_state_dict(src.get('ema') or src.get('model', src))  # a new stage takes the EMA weights if kept
-        new_head = sd['head.weight'].shape != raw_model.head.weight.shape
+        new_head = sd[raw_model.classifier_key() + '.weight'].shape != raw_model.get_classifier().weight.shape
         raw_model.load_timm_state_dict(sd, skip_head=new_head)
         if new_head and tower is not None and not web:  # web -> labels: start from the zero-shot classifier
-            proj = torch.nn.Linear(*sd['head.weight'].shape[::-1])
-            proj.load_state_dict({'weight': sd['head.weight'], 'bias': sd['head.bias']})
-            raw_model.head = head_from_zeroshot(torch.nn.ModuleDict({'head': proj}), zs_weights.cpu(),
-                                                feature_norm=zeroshot_feature_norm(raw_model, proj))
+            key = raw_model.classifier_key()
+            proj = torch.nn.Linear(*sd[key + '.weight'].shape[::-1])
+            proj.load_state_dict({'weight': sd[key + '.weight'], 'bias': sd[key + '.bias']})
+            raw_model.set_classifier(head_from_zeroshot(torch.nn.ModuleDict({'head': proj}), zs_weights.cpu(),
+                                                        feature_norm=zeroshot_feature_norm(raw_model, proj)))
             log("init_from: class head initialised from the CLIP zero-shot classifier")
         compute_prev = src.get('compute_prev', 0.0) + src.get('compute', 0.0)
+        samples_prev = src.get('samples_prev', 0) + src.get('samples_seen', 0)
         log(f"init_from {init_from}: {'new head, ' if new_head else ''}{raw_model.describe()}")
 raw_model.to(device)
 contrastive = ContrastiveLoss(logit_scale_init).to(device) if web else None
@@ -266,7 +273,7 @@ optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
                               fused=device_type == 'cuda')
 ema = None
 if ema_decay > 0:
-    ema = ViT(ViTConfig(**model_args)).to(device).requires_grad_(False)
+    ema = build_model(model_args).to(device).requires_grad_(False)
     ema.load_state_dict(src['ema'] if init_from == 'resume' and src.get('ema') else raw_model.state_dict())
 if init_from == 'resume':
     optimizer.load_state_dict(src['optimizer'])
@@ -342,7 +349,7 @@ def save_checkpoint():
                          f"in {out_dir} (lower lr or check the data)")
     ckpt = {'model': raw_model.state_dict(), 'model_args': model_args, 'optimizer': optimizer.state_dict(),
             'ema': ema.state_dict() if ema is not None else None, 'samples_seen': samples_seen,
-            'compute': fwd_macs * samples_seen / 1e19, 'compute_prev': compute_prev,
+            'compute': fwd_macs * samples_seen / 1e19, 'compute_prev': compute_prev, 'samples_prev': samples_prev,
             'stage': os.path.basename(out_dir), 'config': config, 'data_state': states,
             'contrastive': contrastive.state_dict() if web else None}
     tmp = os.path.join(out_dir, 'ckpt.pt.tmp')
@@ -432,7 +439,7 @@ while samples_seen < samples:
         if n_bad > max_bad_frac * samples_seen:
             raise SystemExit(f"{int(n_bad)} unreadable images in {samples_seen} samples exceeds max_bad_frac={max_bad_frac}; "
                              f"check {train_data}")
-        record = {'stage': stage, 'samples': samples_seen, 'loss': loss_sum / (n / batch_size),
+        record = {'stage': stage, 'samples': samples_seen, 'samples_total': samples_prev + samples_seen, 'loss': loss_sum / (n / batch_size),
                   'adv_acc': 100 * correct / n, 'lr': lr_at(samples_seen - batch_size), 'eps': eps_now,
                   'img_per_s': n / dt, 'compute_1e10': compute_prev + fwd_macs * samples_seen / 1e19,
                   'bad_images': int(n_bad)}
@@ -458,8 +465,8 @@ while samples_seen < samples:
         clean, robust, _ = evaluate_pgd(eval_model, val_loader, eval_eps or eps, eval_pgd_steps, eval_step_size,
                                         norm, autocast=autocast)
         log(f"eval {samples_seen}: clean {clean:.2f}% | PGD-{eval_pgd_steps} {robust:.2f}%")
-        write_log({'stage': stage, 'samples': samples_seen, 'clean_acc': clean, 'pgd20_acc': robust,
-                   'compute_1e10': compute_prev + fwd_macs * samples_seen / 1e19})
+        write_log({'stage': stage, 'samples': samples_seen, 'samples_total': samples_prev + samples_seen,
+                   'clean_acc': clean, 'pgd20_acc': robust, 'compute_1e10': compute_prev + fwd_macs * samples_seen / 1e19})
     if ckpt_every and samples_seen // ckpt_every > (samples_seen - batch_size) // ckpt_every and not done:
         save_checkpoint()
 
@@ -470,8 +477,8 @@ clean, robust, n_eval = evaluate_pgd(eval_model, final_loader, eval_eps or eps, 
 results = {'clean_acc': clean, 'pgd20_acc': robust, 'eps': eval_eps or eps, 'samples': samples_seen,
            'wall_s': time.time() - t_start, 'train_s': train_s, 'eval_images': n_eval, 'img_size': img_size,
            'model': model, 'compute_1e10': compute_prev + compute_1e10}
-write_log({'stage': stage, 'samples': samples_seen, 'clean_acc': clean, 'pgd20_acc': robust,
-           'compute_1e10': results['compute_1e10'], 'final': True})
+write_log({'stage': stage, 'samples': samples_seen, 'samples_total': samples_prev + samples_seen, 'clean_acc': clean,
+           'pgd20_acc': robust, 'compute_1e10': results['compute_1e10'], 'final': True})
 if master:
     with open(os.path.join(out_dir, 'results.json'), 'w') as f:
         json.dump(results, f, indent=2)

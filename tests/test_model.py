@@ -1,4 +1,5 @@
 import math
+from dataclasses import asdict
 
 import pytest
 import timm
@@ -143,3 +144,119 @@ def test_wrong_checkpoint_is_a_clear_error(tmp_path):
         M.model_from_file(str(tmp_path / 'junk.pt'))
     with pytest.raises(ValueError, match='unknown model'):
         M.create_model('vit_enormous')
+
+
+# -------------------------------------------------------------------- ConvNeXt
+def randomise_vectors(m):
+    """Norm weights, biases and layer scales away from their init (zeros, ones, 1e-6), so that every
+    residual branch counts and a bias loaded into the wrong place shows."""
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.ndim == 1:
+                scale = name.endswith(('weight', 'gamma'))
+                p.copy_((1 if scale else 0) + (0.2 if scale else 0.1) * torch.randn_like(p))
+    return m
+
+
+@pytest.mark.parametrize('name,batch,sizes', [('convnext_tiny', 2, (64, 96)), ('convnext_base', 1, (64, 96))])
+def test_convnext_logits_match_timm(name, batch, sizes):
+    torch.manual_seed(0)
+    ours = randomise_vectors(M.create_model(name, num_classes=17)).eval()
+    with torch.device('meta'):  # timm's own init is not needed: it takes our weights
+        theirs = timm.create_model(name, pretrained=False, num_classes=17)
+    theirs.load_state_dict(ours.timm_state_dict(), assign=True)  # strict: our export is timm's layout, key for key
+    theirs.eval()
+    for r in sizes:
+        x = torch.rand(batch, 3, r, r)
+        with torch.no_grad():
+            a, b = ours(x), theirs((x - ours.mean) / ours.std)
+        assert ((a - b).abs().max() / b.abs().max()).item() < 1e-5, (name, r)
+
+
+def test_convnext_loads_timm_file(tmp_path):
+    """timm -> ours: a wrapped, prefixed timm state dict gives a ConvNeXt read off the weights."""
+    torch.manual_seed(0)
+    t = timm.create_model('convnext_tiny', pretrained=False, num_classes=7, depths=(1, 1, 2, 1))
+    t = randomise_vectors(t).eval()
+    torch.save({'state_dict': {'module.' + k: v for k, v in t.state_dict().items()}}, tmp_path / 'timm.pth')
+    ours = M.model_from_file(str(tmp_path / 'timm.pth')).eval()
+    c = ours.config
+    assert isinstance(ours, M.ConvNeXt) and (c.depths, c.dims, c.num_classes, c.img_size) == (
+        (1, 1, 2, 1), (96, 192, 384, 768), 7, 224)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), t((x - ours.mean) / ours.std), rtol=1e-5, atol=1e-5)
+    assert M.config_from_timm_state_dict(t.state_dict(), arch='convnext_demo').img_size == 32
+    with pytest.raises(ValueError, match='not a ConvNeXt preset'):
+        M.config_from_timm_state_dict(t.state_dict(), arch='vit_tiny_patch16')
+    # a new task: skip_head keeps our head.fc but still loads head.norm
+    new = M.build_model({**asdict(c), 'num_classes': 3}).load_timm_state_dict(t.state_dict(), skip_head=True)
+    assert torch.equal(new.head.norm.weight, t.head.norm.weight) and new.get_classifier().out_features == 3
+    with pytest.raises(ValueError, match='shape mismatch'):
+        M.build_model({**asdict(c), 'num_classes': 3}).load_timm_state_dict(t.state_dict())
+    sd = t.state_dict()
+    sd.pop('stages.2.blocks.1.gamma')
+    with pytest.raises(ValueError, match=r"missing keys \['stages.2.blocks.1.gamma'\]"):
+        ours.load_timm_state_dict(sd)
+
+
+def test_convnext_refuses_masking():
+    m = M.create_model('convnext_demo')
+    with pytest.raises(ValueError, match='masking is a ViT token operation'):
+        m(torch.rand(1, 3, 32, 32), mask_ratio=0.5)
+    with pytest.raises(ValueError, match='masking is a ViT token operation'):
+        m.flops(32, mask_ratio=0.5, mask_kind='block')
+
+
+def test_convnext_flops():
+    # fvcore's counts in the ConvNeXt paper (Liu et al. 2022, Table 1/2), in G multiply-accumulates at 224
+    refs = {'convnext_tiny': 4.5, 'convnext_small': 8.7, 'convnext_base': 15.4, 'convnext_large': 34.4}
+    for name, ref in refs.items():
+        with torch.device('meta'):
+            m = M.create_model(name)
+        assert abs(m.flops() / 1e9 - ref) / ref < 0.02, (name, m.flops())
+    # by hand for the demo at 16 px (stem stride 1): maps 16, 8, 4, 2
+    d = M.create_model('convnext_demo')
+    block = lambda n, D: n * n * (49 * D + 8 * D * D)
+    hand = (16 * 16 * 3 * 32 + block(16, 32) + 8 * 8 * 32 * 4 * 64 + block(8, 64)
+            + 4 * 4 * 64 * 4 * 128 + 3 * block(4, 128) + 2 * 2 * 128 * 4 * 256 + block(2, 256))
+    assert d.flops(16) == hand
+    assert d(torch.rand(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_convnext_options_are_validated():
+    with pytest.raises(ValueError, match=r"unknown model option\(s\) \['global_pool'\] for 'convnext_tiny'"):
+        M.create_model('convnext_tiny', global_pool='avg')
+    with pytest.raises(ValueError, match=r"unknown model option\(s\) \['dims'\]"):
+        M.create_model('vit_pico_patch4', dims=(8, 16, 32, 64))
+
+
+def test_convnext_checkpoint_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    m = randomise_vectors(M.create_model('convnext_demo', drop_path_rate=0.1)).eval()
+    args = asdict(m.config)
+    args['depths'] = list(args['depths'])  # as a config read back from elsewhere may hold it
+    torch.save({'model': m.state_dict(), 'model_args': args}, tmp_path / 'ckpt.pt')
+    back = M.model_from_file(str(tmp_path / 'ckpt.pt')).eval()
+    assert isinstance(back, M.ConvNeXt) and back.config == m.config  # lists come back as tuples
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(back(x), m(x))
+    assert isinstance(M.build_model(asdict(M.create_model('vit_pico_patch4').config)), M.ViT)
+
+
+def test_convnext_drop_path_in_train_mode_only():
+    torch.manual_seed(0)
+    m = M.create_model('convnext_demo', drop_path_rate=0.5, ls_init_value=1.0)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert not torch.equal(m.train()(x), m(x))
+        assert torch.equal(m.eval()(x), m(x))
+
+
+@pytest.mark.parametrize('name,key', [('vit_pico_patch4', 'head'), ('convnext_demo', 'head.fc')])
+def test_classifier_swap(name, key):
+    m = M.create_model(name)
+    assert m.classifier_key() == key and m.get_classifier() is m.get_submodule(key)
+    m.set_classifier(torch.nn.Linear(m.get_classifier().in_features, 3))
+    assert m(torch.rand(2, 3, 32, 32)).shape == (2, 3) and m.state_dict()[key + '.weight'].shape[0] == 3

@@ -136,6 +136,22 @@ def test_new_stage_from_checkpoint_at_another_resolution_and_head(folder, tmp_pa
     assert ck['compute_prev'] > 0  # the first stage's compute is carried into the total
     res = json.load(open(tmp_path / 's2' / 'results.json'))
     assert res['img_size'] == 32 and res['compute_1e10'] > ck['compute_prev']
+    assert records(tmp_path / 's2')[-1]['samples_total'] == 32 + 16  # plot.py's axis continues across stages
+
+
+def test_convnext_two_stages_and_no_masking(folder, tmp_path):
+    """Table 3's architecture through the same loop: 16 px stage, then 32 px with a new head."""
+    run(args_for(folder, tmp_path / 'c1', model='convnext_demo', samples=32, final_eval_samples=6, drop_path_rate=0.1))
+    r = run(args_for(folder, tmp_path / 'c2', init_from=str(tmp_path / 'c1'), img_size=32, samples=16, num_classes=5,
+                     pgd_steps=2, pgd_step_size=2 / 255, final_eval_samples=6))
+    assert 'new head' in r.stdout and 'ConvNeXt' in r.stdout
+    ck = torch.load(tmp_path / 'c2' / 'ckpt.pt', weights_only=True)
+    assert ck['model']['head.fc.weight'].shape[0] == 5 and ck['model_args']['img_size'] == 32
+    c1 = torch.load(tmp_path / 'c1' / 'ckpt.pt', weights_only=True)['model']
+    assert not torch.equal(c1['stem.0.weight'], ck['model']['stem.0.weight'])  # the backbone trained on
+    r = run(args_for(folder, tmp_path / 'm', model='convnext_demo', mask_ratio=0.5), check=False)
+    assert r.returncode == 1 and 'masking is a ViT token operation' in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_corrupt_images_are_skipped_and_counted(folder, tmp_path):
