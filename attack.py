@@ -29,13 +29,28 @@ def project(x_adv, x, eps, norm):
     return (x + delta).clamp(0, 1)
 
 
-def pgd(model, x, y, loss_fn, eps, step_size, steps, norm='Linf', random_start=True, **forward_kwargs):
+def pgd(model, x, y, loss_fn, eps, step_size, steps, norm='Linf', random_start=True, freeze_weights=True,
+        **forward_kwargs):
     """Maximise loss_fn(model(x_adv, **forward_kwargs), y) over x_adv in the eps-ball of x.
     y is whatever loss_fn takes as target: hard labels, MixUp/CutMix soft labels, or a batch
-    of fixed text embeddings for the contrastive loss. Returns detached adversarial images."""
+    of fixed text embeddings for the contrastive loss. Returns detached adversarial images.
+    freeze_weights: the weights stop requiring grad during the attack, so autograd saves no
+    activations for weight gradients and torch.compile's backward graph (which computes the
+    gradient of every input that requires one, whatever autograd.grad asks) skips them."""
     x = x.detach()
     if steps == 0 or eps == 0:
         return x
+    frozen = [p for p in model.parameters() if p.requires_grad] if freeze_weights else []
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        return _pgd_steps(model, x, y, loss_fn, eps, step_size, steps, norm, random_start, forward_kwargs)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _pgd_steps(model, x, y, loss_fn, eps, step_size, steps, norm, random_start, forward_kwargs):
     was_training = model.training
     model.eval()
     x_adv = x.clone()

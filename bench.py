@@ -1,28 +1,270 @@
 """
-Benchmarks, each a ratio measured in the same run (never a wall-clock assert).
-So far one row: AutoAttack, eval_autoattack.py against the official code (pyautoattack
-0.2.0) on the same model and points, standard version. More rows (training step vs a
-timm + torchattacks baseline, two-stage vs one-stage, GPU MFU) are issue #6's.
+Benchmarks: every comparison is a ratio measured in this same run (warm-up, repeats,
+median), never a wall-clock assert. Prints markdown tables and writes bench.json.
 
-$ python train.py && python train.py config/demo_ft.py     # the demo's robust model
-$ python bench.py --quick                                   # 30 demo val points, L_inf 8/255
-Prints a markdown table and writes bench.json.
+$ python train.py && python train.py config/demo_ft.py   # the demo's robust model (row 3)
+$ python bench.py --quick                                 # all CPU rows, ~10 min on 2 cores
+$ python bench.py                                         # full sizes (an hour or more on CPU)
+$ python bench.py --rows train,cuda                       # some rows only
+
+Rows:
+  train      adversarial training step, images/s: ours (eager, compiled) vs the peer a user
+             would otherwise assemble (timm's ViT of the same shape + torchattacks' PGD, eager)
+  fast_path  what each optimisation of our step buys (A/B in one process)
+  loader     the data loaders alone, images/s per worker (so the GPU never waits on them)
+  two_stage  the paper's claim at toy scale: the two-stage demo vs one full-resolution PGD-3
+             stage over the same samples (train.py end to end): time ratio, accuracy of both
+  autoattack eval_autoattack.py vs the official code (pyautoattack 0.2.0), same model/points
+  cuda       (GPU only) img/s, FLOP/s, MFU, memory, largest batch, activation checkpointing,
+             AutoAttack points/s on ViT-B/16
+FLOPs: training forward+backward = 3x forward, each attack step = 2x forward (forward plus
+the input-only backward); forward = model.flops() (multiply-accumulates) x 2.
 """
 import argparse
 import json
 import logging
+import os
 import re
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
+import data as datalib
 import eval_autoattack as ea
+from attack import pgd
+from model import IMAGENET_MEAN, IMAGENET_STD, PRESETS, create_model
+
+EPS = 4 / 255  # the paper's training eps; the step sizes below follow its recipe
 
 
-def official_autoattack(model, x, y, norm, eps, seed, bs):
-    """pyautoattack's standard run: robust mask and its per-attack cumulative robust accuracy."""
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def median_time(fn, warmup, repeats, device):
+    """Median seconds of fn() after warm-up calls (compilation, allocator, caches)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- 1. training step
+def soft_ce(logits, targets):
+    return F.cross_entropy(logits.float(), targets)
+
+
+def ours_step(name, img_size, steps, batch, device, compiled=False, dtype=None, grad_ckpt=False, freeze_weights=True):
+    """train.py's step: PGD on the unwrapped model (input-only gradients), then forward,
+    backward, clip, AdamW on the adversarial images."""
+    nc = PRESETS[name].get('num_classes', 1000)
+    torch.manual_seed(0)
+    model = create_model(name, img_size=img_size, grad_ckpt=grad_ckpt).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == 'cuda')
+    fast = torch.compile(model) if compiled else model
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast(device.type, enabled=False)
+    x = torch.rand(batch, 3, img_size, img_size, device=device)
+    targets = datalib.soft_targets(torch.randint(0, nc, (batch,), device=device), nc, 0.1)
+    step_size = EPS if steps == 1 else 2.5 * EPS / steps
+
+    def step():
+        with autocast:
+            x_adv = pgd(fast, x, targets, soft_ce, EPS, step_size, steps, 'Linf', True, freeze_weights)
+            loss = soft_ce(fast(x_adv), targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, model
+
+
+def peer_step(name, img_size, steps, batch, device):
+    """What a user would otherwise assemble: timm's VisionTransformer of the same shape
+    behind a normalising layer, torchattacks' PGD (random start), CE with label smoothing."""
+    import timm.models.vision_transformer as tv
+    import torchattacks
+    p = {**dict(img_size=224, num_classes=1000), **PRESETS[name]}
+    vit = tv.VisionTransformer(img_size=img_size, patch_size=p['patch_size'], embed_dim=p['embed_dim'],
+                               depth=p['depth'], num_heads=p['num_heads'], mlp_ratio=p.get('mlp_ratio', 4.0),
+                               num_classes=p['num_classes'], global_pool='avg')
+
+    class Normalized(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+            self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+            self.vit = vit
+
+        def forward(self, x):
+            return self.vit((x - self.mean) / self.std)
+    torch.manual_seed(0)
+    model = Normalized().to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    atk = torchattacks.PGD(model, eps=EPS, alpha=EPS if steps == 1 else 2.5 * EPS / steps, steps=steps,
+                           random_start=True)
+    x = torch.rand(batch, 3, img_size, img_size, device=device)
+    y = torch.randint(0, p['num_classes'], (batch,), device=device)
+
+    def step():
+        x_adv = atk(x, y)
+        loss = F.cross_entropy(model(x_adv), y, label_smoothing=0.1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, model
+
+
+def bench_train(quick, device):
+    """Rows: the demo at both stages, ViT-S/16 and ViT-B/16 at (112, PGD-1) and (224, PGD-3)."""
+    rows = [('vit_demo_patch4', 16, 1, 64), ('vit_demo_patch4', 32, 3, 64),
+            ('vit_small_patch16', 112, 1, 16), ('vit_small_patch16', 224, 3, 4),
+            ('vit_base_patch16', 112, 1, 8), ('vit_base_patch16', 224, 3, 2)]
+    warmup, repeats = (0, 2) if quick else (2, 7)  # the first, timed-apart call already warms up
+    out = []
+    for name, size, steps, batch in rows:
+        r = dict(model=name, img_size=size, pgd_steps=steps, batch=batch)
+        for label, make in (('peer', lambda: peer_step(name, size, steps, batch, device)),
+                            ('ours_eager', lambda: ours_step(name, size, steps, batch, device)),
+                            ('ours_compiled', lambda: ours_step(name, size, steps, batch, device, compiled=True))):
+            if label == 'ours_compiled' and quick and not name.startswith('vit_demo'):
+                continue  # CPU compilation of ViT-S/B takes minutes: --quick compiles the demo rows only
+            step, _ = make()
+            t_compile = time.perf_counter()
+            step()  # first call: compilation happens here
+            r[f'{label}_first_call_s'] = time.perf_counter() - t_compile
+            r[f'{label}_img_s'] = batch / median_time(step, warmup, repeats, device)
+        r['eager_vs_peer'] = r['ours_eager_img_s'] / r['peer_img_s']
+        if 'ours_compiled_img_s' in r:
+            r['compiled_vs_peer'] = r['ours_compiled_img_s'] / r['peer_img_s']
+        out.append(r)
+        print(f"  train {name} {size}px PGD-{steps} batch {batch}: peer {r['peer_img_s']:.1f}, "
+              f"ours {r['ours_eager_img_s']:.1f} img/s ({r['eager_vs_peer']:.2f}x)"
+              + (f", compiled {r['ours_compiled_img_s']:.1f} ({r['compiled_vs_peer']:.2f}x)"
+                 if 'compiled_vs_peer' in r else ''), flush=True)
+    return out
+
+
+def bench_fast_path(quick, device):
+    """What each optimisation of the step buys, A/B in one process, repeats interleaved:
+    freezing the weights during the attack (attack.pgd's freeze_weights), eager and compiled."""
+    rows = [('vit_demo_patch4', 16, 1, 64)] + ([] if quick else [('vit_small_patch16', 112, 1, 16)])
+    out = []
+    for name, size, steps, batch in rows:
+        fns = {}
+        for compiled in (False, True):
+            for freeze in (False, True):
+                step, _ = ours_step(name, size, steps, batch, device, compiled=compiled, freeze_weights=freeze)
+                step(), step()  # compile and warm up
+                fns[(compiled, freeze)] = step
+        times = {k: [] for k in fns}
+        for _ in range(3 if quick else 5):
+            for k, step in fns.items():
+                times[k].append(median_time(step, 0, 3, device))
+        rate = {k: batch / statistics.median(v) for k, v in times.items()}
+        r = dict(model=name, img_size=size, pgd_steps=steps, batch=batch,
+                 **{f"{'compiled' if c else 'eager'}_{'frozen' if f else 'unfrozen'}_img_s": v
+                    for (c, f), v in rate.items()},
+                 freeze_speedup_eager=rate[(False, True)] / rate[(False, False)],
+                 freeze_speedup_compiled=rate[(True, True)] / rate[(True, False)])
+        out.append(r)
+        print(f"  fast path {name} {size}px: freezing weights in the attack x{r['freeze_speedup_eager']:.2f} eager, "
+              f"x{r['freeze_speedup_compiled']:.2f} compiled", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- 2. loaders
+def bench_loader(quick):
+    """The demo loader (PNG 32 px) and an ImageNet-like one (JPEG ~500x375 -> RandomResizedCrop
+    224), one worker each: images/s per worker. Workers needed per GPU = step rate / this."""
+    out = {}
+    root = datalib.ensure_demo()
+    n = 2048 if quick else 8192
+    tf = datalib.train_transform(16, (1.0, 1.0), True, 0, 9)
+    loader = datalib.image_folder_loader(os.path.join(root, 'train'), tf, 64, num_workers=1)
+    out['demo_16px_img_s_per_worker'] = _loader_rate(loader, n)
+    with tempfile.TemporaryDirectory() as tmp:
+        from PIL import Image
+        g = torch.Generator().manual_seed(0)
+        for c in range(4):
+            os.makedirs(os.path.join(tmp, f'c{c}'))
+            for i in range(32):
+                arr = (torch.rand(375, 500, 3, generator=g) * 255).byte().numpy()
+                Image.fromarray(arr).save(os.path.join(tmp, f'c{c}', f'{i}.jpg'), quality=90)
+        for size in (112, 224):
+            tf = datalib.train_transform(size, (0.08, 1.0), True, 2, 9)
+            loader = datalib.image_folder_loader(tmp, tf, 32, num_workers=1)
+            out[f'imagenet_like_{size}px_img_s_per_worker'] = _loader_rate(loader, 256 if quick else 1024)
+    print('  loaders: ' + ', '.join(f'{k} {v:.0f}' for k, v in out.items()), flush=True)
+    return out
+
+
+def _loader_rate(loader, n):
+    it = iter(loader)
+    next(it)  # worker start-up
+    t0, seen = time.perf_counter(), 0
+    while seen < n:
+        seen += len(next(it)[0])
+    return seen / (time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- 3. two stages vs one
+def run_stage(args, out_dir):
+    cmd = [sys.executable, 'train.py', *args, f'--out_dir={out_dir}']
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench: {' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    res = json.load(open(os.path.join(out_dir, 'results.json')))
+    res['process_s'] = time.time() - t0
+    return res
+
+
+def bench_two_stage(quick):
+    """train.py end to end: `python train.py && python train.py config/demo_ft.py` against
+    config/demo_onestage.py (32 px, PGD-3 for the same 72k samples). --quick: 1/32 of the budget
+    (the time ratio holds; the accuracies of so short a run mean little)."""
+    f = 32 if quick else 1
+    scale = lambda *keys_vals: [f'--{k}={int(v / f)}' for k, v in keys_vals]
+    ev = [f'--final_eval_samples={200 if quick else 500}', '--eval_every=0']  # time training, not evaluations
+    pre = run_stage(scale(('samples', 64000), ('warmup_samples', 3000), ('eps_warmup', 16000), ('log_every', 8192))
+                    + ev, 'out/bench_two_stage_pre')
+    ft = run_stage(['config/demo_ft.py', '--init_from=out/bench_two_stage_pre']
+                   + scale(('samples', 8000), ('warmup_samples', 800), ('log_every', 2048)) + ev,
+                   'out/bench_two_stage_ft')
+    one = run_stage(['config/demo_onestage.py'] + scale(('samples', 72000), ('warmup_samples', 3000),
+                                                        ('eps_warmup', 16000), ('log_every', 8192)) + ev,
+                    'out/bench_one_stage')
+    two_s = pre['train_s'] + ft['train_s']
+    r = dict(budget_fraction=1 / f, two_stage_train_s=two_s, one_stage_train_s=one['train_s'],
+             two_stage_time_ratio=one['train_s'] / two_s,
+             two_stage_compute_ratio=one['compute_1e10'] / ft['compute_1e10'],
+             two_stage_clean=ft['clean_acc'], two_stage_pgd20=ft['pgd20_acc'],
+             one_stage_clean=one['clean_acc'], one_stage_pgd20=one['pgd20_acc'],
+             stage1_clean=pre['clean_acc'], stage1_pgd20=pre['pgd20_acc'], eval_images=ft['eval_images'])
+    print(f"  two-stage {two_s:.0f} s vs one-stage {one['train_s']:.0f} s of training "
+          f"({r['two_stage_time_ratio']:.2f}x)", flush=True)
+    return r
+
+
+# ----------------------------------------------------------------------------- 4. AutoAttack
+def official_autoattack(model, x, y, norm, eps, seed, bs, version='standard', attacks=None):
+    """pyautoattack's run: robust mask and its per-attack cumulative robust accuracy."""
     from pyautoattack import AutoAttack
-    aa = AutoAttack(model, norm=norm, eps=eps, version='standard', seed=seed, device=str(x.device))
+    aa = AutoAttack(model, norm=norm, eps=eps, version=version, attacks=attacks, seed=seed, device=str(x.device))
     lines = []
     handler = logging.Handler(logging.DEBUG)
     handler.emit = lambda record: lines.append(record.getMessage())
@@ -37,42 +279,208 @@ def official_autoattack(model, x, y, norm, eps, seed, bs):
     return y_adv == y, per_attack, seconds
 
 
-def bench_autoattack(ckpt, n, norm, eps, seed, bs):
-    model = ea.load_model(ckpt)
-    x, y, desc = ea.load_demo_val(model.config.img_size, n)
+def bench_autoattack(model, x, y, desc, norm, eps, seed=0, bs=250, device=None, version='standard', attacks=None):
+    device = device or x.device
+    x, y = x.to(device), y.to(device)
+    sync(device)
     t0 = time.time()
-    ours = ea.evaluate(model, x, y, norm=norm, eps=eps, seed=seed, batch_size=bs)
+    ours = ea.evaluate(model, x, y, norm=norm, eps=eps, seed=seed, batch_size=bs, log=lambda *a: None,
+                       version=version, attacks=attacks)
+    sync(device)
     ours_s = time.time() - t0
-    ref_robust, ref_per_attack, ref_s = official_autoattack(model, x, y, norm, eps, seed, bs)
+    ref_robust, ref_per_attack, ref_s = official_autoattack(model, x, y, norm, eps, seed, bs, version, attacks)
     diff = int((ours['robust'].cpu() != ref_robust.cpu()).sum())
     rows = [(name.upper(), ours['per_attack'][name], ref_per_attack.get(name.upper(), float('nan')))
             for name in ours['per_attack']]
-    return {'model': ckpt, 'points': desc, 'norm': norm, 'eps': eps, 'ours_s': ours_s, 'official_s': ref_s,
-            'autoattack_speedup_vs_official': ref_s / ours_s, 'autoattack_max_diff_points': diff,
-            'clean_acc': ours['clean_acc'], 'per_attack': rows}
+    r = {'points': desc, 'version': version if not attacks else f"{version} ({', '.join(attacks)})",
+         'norm': norm, 'eps': eps, 'ours_s': ours_s, 'official_s': ref_s,
+         'speedup': ref_s / ours_s, 'diff_points': diff, 'clean_acc': ours['clean_acc'], 'per_attack': rows}
+    print(f"  AutoAttack {desc}: ours {ours_s:.0f} s, official {ref_s:.0f} s ({r['speedup']:.2f}x), "
+          f"{diff} points judged differently", flush=True)
+    return r
 
 
+def bench_autoattack_demo(ckpt, n, norm, eps, quick):
+    """On the demo's adversarially trained model, and on the undefended control if it exists.
+    --quick: APGD-CE + APGD-T only (official 'custom' defaults: 5 CE restarts, 9 targets); FAB-T
+    and Square on the robust points take the official code over 10 minutes even for 30 points."""
+    version, attacks = ('custom', ['apgd-ce', 'apgd-t']) if quick else ('standard', None)
+    out = {}
+    for label, path in (('robust', ckpt), ('undefended', 'out/demo_plain_ft')):
+        if not os.path.exists(path):
+            print(f"  AutoAttack: no {path}; skipped (run the demo first)")
+            continue
+        model = ea.load_model(path)
+        x, y, desc = ea.load_demo_val(model.config.img_size, n)
+        out[label] = {'model': path, **bench_autoattack(model, x, y, desc, norm, eps, version=version, attacks=attacks)}
+    return out
+
+
+# ----------------------------------------------------------------------------- 5. CUDA
+def matmul_flops(device, n=8192, dtype=torch.bfloat16):
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n ** 3 / median_time(lambda: a @ b, 3, 10, device)
+
+
+def largest_batch(name, size, steps, device, dtype, start=16, limit=2048):
+    """Doubling search for the largest batch whose training step fits in memory."""
+    best, b = 0, start
+    while b <= limit:
+        try:
+            step, model = ours_step(name, size, steps, b, device, compiled=False, dtype=dtype)
+            step()
+            best = b
+            b *= 2
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            step = model = None
+            torch.cuda.empty_cache()
+    return best
+
+
+def bench_cuda(quick, device, peak_flops, rows=None):
+    """bf16 + compile; FLOPs per image = 2 x forward MACs x (3 + 2 x PGD steps)."""
+    dtype = torch.bfloat16
+    rows = rows or [('vit_base_patch16', 112, 1, 256), ('vit_base_patch16', 224, 3, 128),
+                    ('vit_large_patch16', 112, 1, 128), ('vit_large_patch16', 224, 3, 64),
+                    ('vit_huge_patch14', 84, 2, 128), ('vit_huge_patch14', 224, 3, 32)]
+    matmul = matmul_flops(device) if device.type == 'cuda' else float('nan')
+    out = {'matmul_flops': matmul, 'peak_flops': peak_flops, 'rows': []}
+    for name, size, steps, batch in rows:
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+        step, model = ours_step(name, size, steps, batch, device, compiled=True, dtype=dtype)
+        t = median_time(step, 3 if not quick else 2, 10 if not quick else 3, device)
+        fwd = model.flops(size)
+        flops = 2 * fwd * (3 + 2 * steps) * batch / t
+        r = dict(model=name, img_size=size, pgd_steps=steps, batch=batch, img_s=batch / t, model_flops=flops,
+                 mfu_vs_peak=flops / peak_flops, mfu_vs_matmul=flops / matmul)
+        if device.type == 'cuda':
+            r['peak_mem_gib_per_img'] = torch.cuda.max_memory_allocated() / batch / 2 ** 30
+            del step, model
+            torch.cuda.empty_cache()
+            r['largest_batch'] = largest_batch(name, size, steps, device, dtype)
+        out['rows'].append(r)
+        print(f"  cuda {name} {size}px PGD-{steps}: {r['img_s']:.0f} img/s, MFU {100 * r['mfu_vs_peak']:.1f}% "
+              f"of peak, {100 * r['mfu_vs_matmul']:.1f}% of matmul", flush=True)
+    # activation checkpointing: its cost in speed and what it saves in memory (the largest model)
+    name, size, steps, batch = rows[-1]
+    ckpt = {}
+    for on in (False, True):
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+        step, _ = ours_step(name, size, steps, batch, device, compiled=True, dtype=dtype, grad_ckpt=on)
+        ckpt[on] = (batch / median_time(step, 2, 3, device),
+                    torch.cuda.max_memory_allocated() / batch / 2 ** 30 if device.type == 'cuda' else float('nan'))
+        del step
+    out['grad_ckpt'] = dict(model=name, img_size=size, speed_ratio=ckpt[True][0] / ckpt[False][0],
+                            memory_ratio=ckpt[True][1] / ckpt[False][1])
+    # AutoAttack points/s on ViT-B/16 (random weights: the same work per point as a trained one
+    # only for points never broken, so this is a speed figure, not a robustness one)
+    if device.type == 'cuda':
+        torch.manual_seed(0)
+        vitb = create_model('vit_base_patch16').to(device).eval().requires_grad_(False)
+        x = torch.rand(64 if quick else 256, 3, 224, 224, device=device)
+        y = vitb(x).argmax(1)  # every point correct, so every point is attacked
+        out['autoattack_vitb'] = bench_autoattack(vitb, x, y, f'{len(x)} random images', 'Linf', EPS, device=device)
+    return out
+
+
+# ----------------------------------------------------------------------------- main
 def main():
     ap = argparse.ArgumentParser(description='nanoAdvXL benchmarks')
-    ap.add_argument('--quick', action='store_true', help='30 points instead of 500')
-    ap.add_argument('--ckpt', default='out/demo_ft', help='robust model to attack (default: the demo)')
-    ap.add_argument('--n', type=int, default=0, help='points (default 100 with --quick, else 500)')
-    ap.add_argument('--norm', default='Linf')
-    ap.add_argument('--eps', default='8/255')
+    ap.add_argument('--quick', action='store_true', help='small sizes: all CPU rows within ~10 minutes on 2 cores')
+    ap.add_argument('--rows', default='', help='comma-separated subset (default: all; --quick leaves out fast_path)')
+    ap.add_argument('--ckpt', default='out/demo_ft', help='robust model for the AutoAttack row (the demo)')
+    ap.add_argument('--n', type=int, default=0, help='AutoAttack points (default 30 with --quick, else 100)')
+    ap.add_argument('--peak_flops', type=float, default=989e12, help='GPU dense bf16 peak (H100/H200 SXM)')
+    ap.add_argument('--out', default='bench.json')
     args = ap.parse_args()
-    torch.manual_seed(0)
-    n = args.n or (30 if args.quick else 500)
-    r = bench_autoattack(args.ckpt, n, args.norm, ea.parse_eps(args.eps), 0, 250)
-    print(f"\nAutoAttack standard {args.norm} eps {args.eps} on {r['points']} of {args.ckpt} "
-          f"({time.strftime('%Y-%m-%d')}, {torch.get_num_threads()} CPU threads)\n")
-    print('| | ours | official (pyautoattack) |\n|---|---|---|')
-    print(f"| clean | {r['clean_acc']:.1f}% | |")
-    for name, a, b in r['per_attack']:
-        print(f"| after {name} | {a:.1f}% | {b:.1f}% |")
-    print(f"| wall time | {r['ours_s']:.1f} s | {r['official_s']:.1f} s |")
-    print(f"\nspeed-up {r['autoattack_speedup_vs_official']:.2f}x, points judged differently: "
-          f"{r['autoattack_max_diff_points']}")
-    json.dump(r, open('bench.json', 'w'), indent=2)
+    rows = args.rows.split(',') if args.rows else \
+        ['train', 'loader', 'two_stage', 'autoattack', 'cuda'] + ([] if args.quick else ['fast_path'])
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    cpu = torch.device('cpu')
+    info = dict(date=time.strftime('%Y-%m-%d'), quick=args.quick, torch=torch.__version__,
+                cpu_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
+                gpu=torch.cuda.get_device_name() if device.type == 'cuda' else None)
+    res = {'info': info}
+    print(f"nanoAdvXL bench {info}", flush=True)
+    if 'train' in rows:
+        res['train'] = bench_train(args.quick, cpu)
+        res['train_step_vs_peer_min'] = min(r['eager_vs_peer'] for r in res['train'])
+    if 'fast_path' in rows:
+        res['fast_path'] = bench_fast_path(args.quick, cpu)
+    if 'loader' in rows:
+        res['loader'] = bench_loader(args.quick)
+    if 'two_stage' in rows:
+        res['two_stage'] = bench_two_stage(args.quick)
+        res['two_stage_time_ratio'] = res['two_stage']['two_stage_time_ratio']
+    if 'autoattack' in rows:
+        res['autoattack'] = bench_autoattack_demo(args.ckpt, args.n or (30 if args.quick else 100), 'Linf', 8 / 255,
+                                                  args.quick)
+        if 'robust' in res['autoattack']:
+            res['autoattack_speedup_vs_official'] = res['autoattack']['robust']['speedup']
+            res['autoattack_max_diff_points'] = max(r['diff_points'] for r in res['autoattack'].values())
+    if 'cuda' in rows and device.type == 'cuda':
+        res['cuda'] = bench_cuda(args.quick, device, args.peak_flops)
+    print_tables(res)
+    with open(args.out, 'w') as f:
+        json.dump(res, f, indent=2)
+    print(f"\nwrote {args.out}")
+
+
+def print_tables(res):
+    i = res['info']
+    print(f"\n## nanoAdvXL bench, {i['date']}, {i['gpu'] or 'CPU'} ({i['cpu_threads']} threads), "
+          f"{'--quick' if i['quick'] else 'full'}")
+    if 'train' in res:
+        print("\n| adversarial training step | batch | peer img/s | ours eager | ours compiled | eager/peer | compiled/peer |")
+        print("|---|---|---|---|---|---|---|")
+        for r in res['train']:
+            c = r.get('ours_compiled_img_s')
+            c_img, c_ratio = (f"{c:.2f}", f"{r['compiled_vs_peer']:.2f}") if c else ('-', '-')
+            print(f"| {r['model']} {r['img_size']}px PGD-{r['pgd_steps']} | {r['batch']} | {r['peer_img_s']:.2f} | "
+                  f"{r['ours_eager_img_s']:.2f} | {c_img} | {r['eager_vs_peer']:.2f} | {c_ratio} |")
+        print(f"\ntrain_step_vs_peer_min = {res['train_step_vs_peer_min']:.2f}")
+    for r in res.get('fast_path', []):
+        print(f"\n| {r['model']} {r['img_size']}px PGD-{r['pgd_steps']}, img/s | weights frozen in the attack | "
+              f"not frozen | speed-up |\n|---|---|---|---|")
+        for mode in ('eager', 'compiled'):
+            print(f"| {mode} | {r[f'{mode}_frozen_img_s']:.1f} | {r[f'{mode}_unfrozen_img_s']:.1f} | "
+                  f"{r[f'freeze_speedup_{mode}']:.2f} |")
+    if 'loader' in res:
+        print("\n| loader (1 worker) | img/s |\n|---|---|")
+        for k, v in res['loader'].items():
+            print(f"| {k.replace('_img_s_per_worker', '')} | {v:.0f} |")
+    if 'two_stage' in res:
+        t = res['two_stage']
+        print(f"\n| demo, {t['budget_fraction']:g} of the budget | training s | clean | PGD-20 |\n|---|---|---|---|")
+        print(f"| two stages (16 px PGD-1, then 32 px PGD-3) | {t['two_stage_train_s']:.0f} | {t['two_stage_clean']:.1f} | "
+              f"{t['two_stage_pgd20']:.1f} |")
+        print(f"| one stage (32 px PGD-3) | {t['one_stage_train_s']:.0f} | {t['one_stage_clean']:.1f} | "
+              f"{t['one_stage_pgd20']:.1f} |")
+        print(f"\ntwo_stage_time_ratio = {t['two_stage_time_ratio']:.2f} (compute ratio by the paper's "
+              f"convention {t['two_stage_compute_ratio']:.2f}), {t['eval_images']} val images")
+    for label, a in res.get('autoattack', {}).items():
+        print(f"\n| AutoAttack {a['version']}, {label} model, {a['points']}, {a['norm']} {a['eps'] * 255:g}/255 | ours | "
+              f"official |\n|---|---|---|")
+        print(f"| clean | {a['clean_acc']:.1f}% | |")
+        for name, x, y in a['per_attack']:
+            print(f"| after {name} | {x:.1f}% | {y:.1f}% |")
+        print(f"| wall time | {a['ours_s']:.1f} s | {a['official_s']:.1f} s |")
+        print(f"\nspeed-up {a['speedup']:.2f}x, points judged differently: {a['diff_points']}")
+    if 'cuda' in res:
+        c = res['cuda']
+        print(f"\n| {i['gpu']}, bf16 + compile | batch | img/s | TFLOP/s | MFU (peak) | MFU (matmul) | GiB/img | "
+              f"largest batch |\n|---|---|---|---|---|---|---|---|")
+        for r in c['rows']:
+            print(f"| {r['model']} {r['img_size']}px PGD-{r['pgd_steps']} | {r['batch']} | {r['img_s']:.0f} | "
+                  f"{r['model_flops'] / 1e12:.0f} | {100 * r['mfu_vs_peak']:.1f}% | {100 * r['mfu_vs_matmul']:.1f}% | "
+                  f"{r.get('peak_mem_gib_per_img', float('nan')):.3f} | {r.get('largest_batch', '-')} |")
+        g = c['grad_ckpt']
+        print(f"\nactivation checkpointing on {g['model']} at {g['img_size']}px: speed x{g['speed_ratio']:.2f}, "
+              f"memory x{g['memory_ratio']:.2f}")
 
 
 if __name__ == '__main__':

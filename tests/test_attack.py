@@ -87,3 +87,26 @@ def test_evaluate_pgd_counts():
     assert (clean, robust, n) == (100.0, 100.0, 32)
     clean, robust, n = evaluate_pgd(net, loader, eps=0.5, steps=10, step_size=0.1)
     assert clean == 100.0 and robust < 50.0
+
+
+def test_frozen_weights_same_attack_and_restored():
+    """freeze_weights (the default) changes only what autograd records: the same x_adv bitwise,
+    every parameter requires grad again afterwards, also when the loss raises."""
+    import model as M
+    net = M.create_model('vit_pico_patch4', img_size=16)
+    net.head.bias.requires_grad_(False)  # a parameter the caller froze stays frozen
+    x, y = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(3)
+    a = pgd(net, x, y, ce, 8 / 255, 2 / 255, 3, freeze_weights=False)
+    torch.manual_seed(3)
+    b = pgd(net, x, y, ce, 8 / 255, 2 / 255, 3)
+    assert torch.equal(a, b)
+    assert all(p.requires_grad for n, p in net.named_parameters() if n != 'head.bias')
+    assert not net.head.bias.requires_grad
+
+    def broken(out, t):
+        assert not net.head.weight.requires_grad  # frozen while attacking
+        raise RuntimeError('loss failed')
+    with pytest.raises(RuntimeError, match='loss failed'):
+        pgd(net, x, y, broken, 8 / 255, 2 / 255, 1)
+    assert net.head.weight.requires_grad

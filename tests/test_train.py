@@ -53,8 +53,9 @@ def args_for(folder, out, **kw):
     return [f'--{k}={v}' for k, v in base.items()]
 
 
-def run(args, check=True, **popen):
-    r = subprocess.run([sys.executable, 'train.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+def run(args, check=True, env=None):
+    r = subprocess.run([sys.executable, 'train.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**ENV, **(env or {})})
     if check:
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
@@ -226,7 +227,21 @@ def test_dry_run_compute_matches_the_paper(pre, arch, ft, paper):
     assert abs(total - paper) / paper < 0.03, total
 
 
+@pytest.mark.parametrize('pre,arch,macs_224', [('advxl_convnext_b_in1k', 'convnext_base', 15.4e9),
+                                                ('advxl_convnext_l_laion', 'convnext_large', 34.4e9)])
+def test_convnext_table3_compute(pre, arch, macs_224):
+    """Table 3's ConvNeXt rows, same schedule as the ViT rows: within 3% of the figure from the
+    published (fvcore) MACs at 224, scaled by pixel count to 112 px."""
+    samples_pre = 256e6 if 'in1k' in pre else 2.56e9
+    expected = (samples_pre * macs_224 / 4 * 2 + 38.4e6 * macs_224 * 4) / 1e19
+    total = dry_run(f'config/{pre}.py') + dry_run('config/advxl_ft_in1k.py', f'--model={arch}')
+    assert abs(total - expected) / expected < 0.03, (total, expected)
+
+
 def test_compiled_model_trains_on_cpu(folder, tmp_path):
     """compile=True: attacks and training go through torch.compile's module (inductor on CPU)."""
-    r = run(args_for(folder, tmp_path / 'c', compile=True, samples=32, final_eval_samples=6))
+    r = run(args_for(folder, tmp_path / 'c', compile=True, samples=32, final_eval_samples=6, eval_every=16),
+            env={'TORCH_LOGS': 'recompiles'})
     assert 'c 32/32' in r.stdout and os.path.exists(tmp_path / 'c' / 'results.json')
+    # one graph for the attack (eval mode, frozen weights), one for training: compiled once per stage
+    assert r.stderr.count('Recompiling function') == 1, r.stderr[-3000:]

@@ -1,0 +1,38 @@
+"""bench.py's pieces on CPU: the peer is the same network, the steps train, the CUDA row's code runs."""
+import pytest
+import torch
+
+import bench
+
+CPU = torch.device('cpu')
+
+
+@pytest.mark.parametrize('name,size', [('vit_demo_patch4', 16), ('vit_small_patch16', 112)])
+def test_peer_is_the_same_network(name, size):
+    _, ours = bench.ours_step(name, size, 1, 2, CPU)
+    _, peer = bench.peer_step(name, size, 1, 2, CPU)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(ours) == count(peer.vit)
+    # same function too: our loader takes the timm layout, logits equal on [0,1] images
+    ours.load_timm_state_dict(peer.vit.state_dict())
+    x = torch.rand(2, 3, size, size)
+    torch.testing.assert_close(ours.eval()(x), peer.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_steps_change_the_weights():
+    for make in (lambda: bench.ours_step('vit_pico_patch4', 16, 2, 4, CPU),
+                 lambda: bench.peer_step('vit_pico_patch4', 16, 2, 4, CPU)):
+        step, model = make()
+        before = [p.detach().clone() for p in model.parameters()]
+        step()
+        assert all(p.requires_grad for p in model.parameters())  # the attack gave the weights back
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.slow
+def test_cuda_row_code_runs_on_cpu():
+    """The GPU row's code path (compile, FLOP and MFU arithmetic, checkpointing A/B) on a tiny model."""
+    r = bench.bench_cuda(True, CPU, 1e12, rows=[('vit_pico_patch4', 16, 1, 4)])
+    row = r['rows'][0]
+    assert row['img_s'] > 0 and row['model_flops'] > 0 and 0 < row['mfu_vs_peak']
+    assert r['grad_ckpt']['speed_ratio'] > 0
