@@ -158,10 +158,11 @@ def bench_train(quick, device):
     return out
 
 
-def bench_fast_path(quick, device):
+def bench_fast_path(quick, device, rows=None):
     """What each optimisation of the step buys, A/B in one process, repeats interleaved:
-    freezing the weights during the attack (attack.pgd's freeze_weights), eager and compiled."""
-    rows = [('vit_demo_patch4', 16, 1, 64)] + ([] if quick else [('vit_small_patch16', 112, 1, 16)])
+    freezing the weights during the attack (attack.pgd's freeze_weights), eager and compiled;
+    and what activation checkpointing (grad_ckpt, for ViT-H/g memory) costs in speed."""
+    rows = rows or [('vit_demo_patch4', 16, 1, 64)] + ([] if quick else [('vit_small_patch16', 112, 1, 16)])
     out = []
     for name, size, steps, batch in rows:
         fns = {}
@@ -170,19 +171,22 @@ def bench_fast_path(quick, device):
                 step, _ = ours_step(name, size, steps, batch, device, compiled=compiled, freeze_weights=freeze)
                 step(), step()  # compile and warm up
                 fns[(compiled, freeze)] = step
+        fns['grad_ckpt'], _ = ours_step(name, size, steps, batch, device, grad_ckpt=True)  # eager, frozen
         times = {k: [] for k in fns}
         for _ in range(3 if quick else 5):
             for k, step in fns.items():
                 times[k].append(median_time(step, 0, 3, device))
         rate = {k: batch / statistics.median(v) for k, v in times.items()}
         r = dict(model=name, img_size=size, pgd_steps=steps, batch=batch,
-                 **{f"{'compiled' if c else 'eager'}_{'frozen' if f else 'unfrozen'}_img_s": v
-                    for (c, f), v in rate.items()},
+                 **{f"{'compiled' if k[0] else 'eager'}_{'frozen' if k[1] else 'unfrozen'}_img_s": v
+                    for k, v in rate.items() if k != 'grad_ckpt'},
                  freeze_speedup_eager=rate[(False, True)] / rate[(False, False)],
-                 freeze_speedup_compiled=rate[(True, True)] / rate[(True, False)])
+                 freeze_speedup_compiled=rate[(True, True)] / rate[(True, False)],
+                 grad_ckpt_speed_ratio=rate['grad_ckpt'] / rate[(False, True)])
         out.append(r)
         print(f"  fast path {name} {size}px: freezing weights in the attack x{r['freeze_speedup_eager']:.2f} eager, "
-              f"x{r['freeze_speedup_compiled']:.2f} compiled", flush=True)
+              f"x{r['freeze_speedup_compiled']:.2f} compiled; activation checkpointing costs "
+              f"x{r['grad_ckpt_speed_ratio']:.2f}", flush=True)
     return out
 
 
@@ -449,6 +453,7 @@ def print_tables(res):
         for mode in ('eager', 'compiled'):
             print(f"| {mode} | {r[f'{mode}_frozen_img_s']:.1f} | {r[f'{mode}_unfrozen_img_s']:.1f} | "
                   f"{r[f'freeze_speedup_{mode}']:.2f} |")
+        print(f"\nactivation checkpointing (eager): speed x{r['grad_ckpt_speed_ratio']:.2f}")
     if 'loader' in res:
         print("\n| loader (1 worker) | img/s |\n|---|---|")
         for k, v in res['loader'].items():

@@ -3,13 +3,13 @@ Clean and PGD-20 accuracy of one or more runs against samples seen and against c
 spent (the paper's convention: forward MACs x (PGD steps + 1), summed over stages), read
 from each run's log.jsonl, one line per run. With several runs it is an ablation's picture.
 
-$ python plot.py out/demo_pre out/demo_ft                           # the demo's two stages
 $ python plot.py out/demo_pre out/demo_mask_random out/demo_mask_block --out table1a.png
+$ python plot.py out/demo_pre+out/demo_ft out/demo_mask_random+out/demo_mask_random_ft
 
-Points come from train.py's evaluations (every eval_every samples on eval_samples images,
-and the final one on final_eval_samples images, drawn larger). Later stages continue the
-samples and compute axes of the stage they started from. Needs matplotlib (optional:
-pip install matplotlib).
+`a+b` joins the stages of one recipe into one line (later stages continue the samples and
+compute axes of the stage they started from). Points come from train.py's evaluations
+(every eval_every samples on eval_samples images; each stage's final one, on
+final_eval_samples images, drawn larger). Needs matplotlib (optional: pip install matplotlib).
 """
 import argparse
 import json
@@ -45,8 +45,9 @@ def plot(runs, out, title=None):
         raise SystemExit("plot.py needs matplotlib, an optional extra: pip install matplotlib")
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharey='row')
     for run in runs:
-        pts = read_evals(run)
-        label = os.path.basename(os.path.normpath(run))
+        stages = run.split('+')
+        pts = [p for stage in stages for p in read_evals(stage)]
+        label = ' + '.join(os.path.basename(os.path.normpath(s)) for s in stages)
         samples, compute, clean, robust, final = zip(*pts)
         compute = [c * 1e10 for c in compute]  # GFLOPs (MACs)
         for row, acc in enumerate((clean, robust)):
@@ -62,7 +63,7 @@ def plot(runs, out, title=None):
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     axes[0][1].legend(fontsize=8)
-    fig.suptitle(title or ', '.join(os.path.basename(os.path.normpath(r)) for r in runs), fontsize=10)
+    fig.suptitle(title or 'clean and PGD-20 accuracy', fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -71,7 +72,7 @@ def plot(runs, out, title=None):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    ap.add_argument('runs', nargs='+', help="runs' out_dirs (or log.jsonl files)")
+    ap.add_argument('runs', nargs='+', help="runs' out_dirs (or log.jsonl files); stage1+stage2 joins stages")
     ap.add_argument('--out', default='plot.png', help='PNG to write')
     ap.add_argument('--title', default=None)
     args = ap.parse_args()

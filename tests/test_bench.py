@@ -36,3 +36,9 @@ def test_cuda_row_code_runs_on_cpu():
     row = r['rows'][0]
     assert row['img_s'] > 0 and row['model_flops'] > 0 and 0 < row['mfu_vs_peak']
     assert r['grad_ckpt']['speed_ratio'] > 0
+
+
+@pytest.mark.slow
+def test_fast_path_row_runs():
+    r = bench.bench_fast_path(True, CPU, rows=[('vit_pico_patch4', 16, 1, 4)])[0]
+    assert r['freeze_speedup_eager'] > 0 and r['freeze_speedup_compiled'] > 0 and r['grad_ckpt_speed_ratio'] > 0

@@ -38,9 +38,17 @@ def test_plot_writes_png(tmp_path):
     write_log(tmp_path / 'run_a', [1000, 2000, 3000], 60.0)
     write_log(tmp_path / 'run_b', [1500, 3000], 55.0)
     out = str(tmp_path / 'ablation.png')
-    plot.plot([str(tmp_path / 'run_a'), str(tmp_path / 'run_b')], out)
+    write_log(tmp_path / 'run_b_ft', [3500, 4000], 58.0)
+    plot.plot([str(tmp_path / 'run_a'), f"{tmp_path / 'run_b'}+{tmp_path / 'run_b_ft'}"], out)
     with open(out, 'rb') as f:
         head = f.read(24)
     assert head[:8] == b'\x89PNG\r\n\x1a\n'
     width, height = int.from_bytes(head[16:20], 'big'), int.from_bytes(head[20:24], 'big')
     assert (width, height) == (1200, 840)  # figsize 10x7 at 120 dpi
+
+
+def test_missing_matplotlib_is_one_line(tmp_path, monkeypatch):
+    write_log(tmp_path / 'run_a', [1000], 60.0)
+    monkeypatch.setitem(__import__('sys').modules, 'matplotlib', None)  # import matplotlib -> ImportError
+    with pytest.raises(SystemExit, match='plot.py needs matplotlib, an optional extra: pip install matplotlib'):
+        plot.plot([str(tmp_path / 'run_a')], str(tmp_path / 'x.png'))
