@@ -146,6 +146,10 @@ def create_model_meta(name, **kw):
         raise SystemExit(f"model: {e}")
 
 
+def eps_str(v):
+    return f"{v * 255:.3g}/255" if norm == 'Linf' else f"{v:.3g}"  # L_inf radii read best in pixel levels
+
+
 def stage_compute(cfg):
     """Forward MACs x (PGD steps + 1) x samples, in 1e10 GFLOPs (the paper's Table 2 column)."""
     with torch.device('meta'):
@@ -172,7 +176,7 @@ if dry_run:
         arch = build_model(model_args).describe()
     print(f"stage {os.path.basename(out_dir)}: {arch}, {samples / 1e6:g}M samples at {img_size}px "
           f"(mask {mask_ratio:g} {mask_kind}), "
-          f"PGD-{pgd_steps} eps {eps * 255:g}/255 step {pgd_step_size * 255:g}/255, "
+          f"PGD-{pgd_steps} {norm} eps {eps_str(eps)} step {eps_str(pgd_step_size)}, "
           f"{fwd_macs / (pgd_steps + 1) / 1e9:.2f} GMACs forward/sample, batch {batch_size}, "
           f"{math.ceil(samples / batch_size)} steps")
     print(f"compute_1e10_gflops={compute_1e10:.6g}")
@@ -449,7 +453,7 @@ while samples_seen < samples:
             record['mfu'] = flops / (peak_flops * world)
             mfu = f", MFU {100 * record['mfu']:.1f}%"
         log(f"{stage} {samples_seen}/{samples} | loss {record['loss']:.4f} | adv acc {record['adv_acc']:.1f}% | "
-            f"lr {record['lr']:.2e} | eps {eps_now * 255:.2f}/255 | {record['img_per_s']:.0f} img/s{mfu} | "
+            f"lr {record['lr']:.2e} | eps {eps_str(eps_now)} | {record['img_per_s']:.0f} img/s{mfu} | "
             f"compute {record['compute_1e10'] * 1e10:.3g} GFLOPs")
         write_log(record)
         acc_loss.zero_(), acc_correct.zero_()
@@ -483,7 +487,7 @@ if master:
     with open(os.path.join(out_dir, 'results.json'), 'w') as f:
         json.dump(results, f, indent=2)
     print(f"\n| stage | samples | eps | clean | PGD-{eval_pgd_steps} | wall |\n|---|---|---|---|---|---|\n"
-          f"| {stage} | {samples_seen} | {results['eps'] * 255:g}/255 | {clean:.1f}% | {robust:.1f}% | "
+          f"| {stage} | {samples_seen} | {eps_str(results['eps'])} | {clean:.1f}% | {robust:.1f}% | "
           f"{results['wall_s']:.0f}s |")
 if ddp:
     dist.barrier()  # leave together: a rank that tears down gloo while another still talks to it aborts
