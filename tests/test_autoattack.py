@@ -368,13 +368,12 @@ def test_cli_missing_data_is_one_line(tmp_path):
     assert ids[3].split('/')[1] in str(e.value)
 
 
-def test_cli_smoke(tmp_path):
-    """The command line on the demo val set with a freshly built pico ViT checkpoint."""
-    model_lib = pytest.importorskip('model')
-    if not hasattr(model_lib, 'model_from_file'):
-        pytest.skip('model.model_from_file not available yet')
+@pytest.mark.parametrize('arch', ['vit_pico_patch4', 'convnext_demo'])
+def test_cli_smoke(tmp_path, arch):
+    """The command line on the demo val set with a freshly built checkpoint of either architecture."""
     import dataclasses
-    m = model_lib.create_model('vit_pico_patch4')
+    import model as model_lib
+    m = model_lib.create_model(arch)
     ckpt = tmp_path / 'ckpt.pt'
     torch.save({'model': m.timm_state_dict(), 'model_args': dataclasses.asdict(m.config)}, ckpt)
     r = ea.main(['--ckpt', str(ckpt), '--n_ex', '6', '--attacks', 'apgd-ce', '--eps', '1/255', '--save_examples'])
