@@ -422,7 +422,8 @@ while samples_seen < samples:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if ema is not None:
-        torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - ema_decay)
+        with torch.no_grad():  # else autograd chains every step's update onto the last: a growing graph
+            torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - ema_decay)
     samples_seen += batch_size
     step += 1
 

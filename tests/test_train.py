@@ -245,3 +245,12 @@ def test_compiled_model_trains_on_cpu(folder, tmp_path):
     assert 'c 32/32' in r.stdout and os.path.exists(tmp_path / 'c' / 'results.json')
     # one graph for the attack (eval mode, frozen weights), one for training: compiled once per stage
     assert r.stderr.count('Recompiling function') == 1, r.stderr[-3000:]
+
+
+def test_ema_weights_stay_leaves(folder, tmp_path):
+    """The EMA update runs without autograd: its weights stay leaves that need no grad (an
+    update recorded by autograd chains every step onto the last, a graph that grows all run,
+    and the final PGD-20 on the EMA model fails when the attack freezes its weights)."""
+    run(args_for(folder, tmp_path / 'e', samples=24, ema_decay=0.5, final_eval_samples=6))
+    ck = torch.load(tmp_path / 'e' / 'ckpt.pt', weights_only=True)
+    assert not any(torch.equal(ck['ema'][k], ck['model'][k]) for k in ('head.weight', 'pos_embed'))
