@@ -3,7 +3,7 @@ Benchmarks: every comparison is a ratio measured in this same run (warm-up, repe
 median), never a wall-clock assert. Prints markdown tables and writes bench.json.
 
 $ python train.py && python train.py config/demo_ft.py   # the demo's robust model (row 3)
-$ python bench.py --quick                                 # all CPU rows, ~10 min on 2 cores
+$ python bench.py --quick                                 # all CPU rows, 6.5 min on 2 idle cores
 $ python bench.py                                         # full sizes (an hour or more on CPU)
 $ python bench.py --rows train,cuda                       # some rows only
 
