@@ -63,6 +63,10 @@ def median_time(fn, warmup, repeats, device):
 
 
 # ----------------------------------------------------------------------------- 1. training step
+def attack_step_size(steps):
+    return EPS if steps == 1 else 2.5 * EPS / steps  # the paper's PGD-1 step = eps; 2.5 eps / k for PGD-k
+
+
 def soft_ce(logits, targets):
     return F.cross_entropy(logits.float(), targets)
 
@@ -78,7 +82,7 @@ def ours_step(name, img_size, steps, batch, device, compiled=False, dtype=None, 
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast(device.type, enabled=False)
     x = torch.rand(batch, 3, img_size, img_size, device=device)
     targets = datalib.soft_targets(torch.randint(0, nc, (batch,), device=device), nc, 0.1)
-    step_size = EPS if steps == 1 else 2.5 * EPS / steps
+    step_size = attack_step_size(steps)
 
     def step():
         with autocast:
@@ -113,8 +117,7 @@ def peer_step(name, img_size, steps, batch, device):
     torch.manual_seed(0)
     model = Normalized().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    atk = torchattacks.PGD(model, eps=EPS, alpha=EPS if steps == 1 else 2.5 * EPS / steps, steps=steps,
-                           random_start=True)
+    atk = torchattacks.PGD(model, eps=EPS, alpha=attack_step_size(steps), steps=steps, random_start=True)
     x = torch.rand(batch, 3, img_size, img_size, device=device)
     y = torch.randint(0, p['num_classes'], (batch,), device=device)
 

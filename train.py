@@ -166,10 +166,10 @@ if init_from == 'resume':
 elif init_from != 'scratch' and (not dry_run or os.path.exists(ckpt_path(init_from))):
     src = load_checkpoint(init_from)
 model_args = dict(src['model_args']) if init_from == 'resume' and src else stage_model_config(src)
-if 'dims' in model_args and mask_ratio > 0:
-    raise SystemExit(f"mask_ratio={mask_ratio} on a ConvNeXt: masking is a ViT token operation; "
-                     f"reduce its compute with img_size (resizing) instead")
-fwd_macs, compute_1e10 = stage_compute(model_args)
+try:
+    fwd_macs, compute_1e10 = stage_compute(model_args)
+except ValueError as e:  # e.g. mask_ratio on a ConvNeXt: the model says why
+    raise SystemExit(f"mask_ratio={mask_ratio}: {e}")
 
 if dry_run:
     with torch.device('meta'):
@@ -255,10 +255,10 @@ if src is not None:
         compute_prev, samples_prev = src['compute_prev'], src.get('samples_prev', 0)
     else:  # a new stage: weights only (pos embed resized; a new head if the task changed)
         sd = clean_state_dict(src.get('ema') or src.get('model', src))  # a new stage takes the EMA weights if kept
-        new_head = sd[raw_model.classifier_key() + '.weight'].shape != raw_model.get_classifier().weight.shape
+        key = raw_model.classifier_key()
+        new_head = sd[key + '.weight'].shape != raw_model.get_classifier().weight.shape
         raw_model.load_timm_state_dict(sd, skip_head=new_head)
         if new_head and tower is not None and not web:  # web -> labels: start from the zero-shot classifier
-            key = raw_model.classifier_key()
             proj = torch.nn.Linear(*sd[key + '.weight'].shape[::-1])
             proj.load_state_dict({'weight': sd[key + '.weight'], 'bias': sd[key + '.bias']})
             raw_model.set_classifier(head_from_zeroshot(torch.nn.ModuleDict({'head': proj}), zs_weights.cpu(),
@@ -361,6 +361,13 @@ def save_checkpoint():
     os.replace(tmp, os.path.join(out_dir, 'ckpt.pt'))  # atomic: a crash keeps the last good one
 
 
+def progress():
+    """Where the run stands, for every log record: this stage's samples, and samples and compute
+    summed over the stages so far (plot.py's axes)."""
+    return {'stage': stage, 'samples': samples_seen, 'samples_total': samples_prev + samples_seen,
+            'compute_1e10': compute_prev + fwd_macs * samples_seen / 1e19}
+
+
 def write_log(record):
     if master:
         with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
@@ -444,10 +451,8 @@ while samples_seen < samples:
         if n_bad > max_bad_frac * samples_seen:
             raise SystemExit(f"{int(n_bad)} unreadable images in {samples_seen} samples exceeds max_bad_frac={max_bad_frac}; "
                              f"check {train_data}")
-        record = {'stage': stage, 'samples': samples_seen, 'samples_total': samples_prev + samples_seen, 'loss': loss_sum / (n / batch_size),
-                  'adv_acc': 100 * correct / n, 'lr': lr_at(samples_seen - batch_size), 'eps': eps_now,
-                  'img_per_s': n / dt, 'compute_1e10': compute_prev + fwd_macs * samples_seen / 1e19,
-                  'bad_images': int(n_bad)}
+        record = {**progress(), 'loss': loss_sum / (n / batch_size), 'adv_acc': 100 * correct / n,
+                  'lr': lr_at(samples_seen - batch_size), 'eps': eps_now, 'img_per_s': n / dt, 'bad_images': int(n_bad)}
         mfu = ''
         if device_type == 'cuda':  # FLOPs: train fwd+bwd = 3x forward, each attack step 2x forward
             flops = 2 * fwd_macs / (pgd_steps + 1) * (3 + 2 * pgd_steps) * n / dt
@@ -470,8 +475,7 @@ while samples_seen < samples:
         clean, robust, _ = evaluate_pgd(eval_model, val_loader, eval_eps or eps, eval_pgd_steps, eval_step_size,
                                         norm, autocast=autocast)
         log(f"eval {samples_seen}: clean {clean:.2f}% | PGD-{eval_pgd_steps} {robust:.2f}%")
-        write_log({'stage': stage, 'samples': samples_seen, 'samples_total': samples_prev + samples_seen,
-                   'clean_acc': clean, 'pgd20_acc': robust, 'compute_1e10': compute_prev + fwd_macs * samples_seen / 1e19})
+        write_log({**progress(), 'clean_acc': clean, 'pgd20_acc': robust})
     if ckpt_every and samples_seen // ckpt_every > (samples_seen - batch_size) // ckpt_every and not done:
         save_checkpoint()
 
@@ -482,8 +486,7 @@ clean, robust, n_eval = evaluate_pgd(eval_model, final_loader, eval_eps or eps, 
 results = {'clean_acc': clean, 'pgd20_acc': robust, 'eps': eval_eps or eps, 'samples': samples_seen,
            'wall_s': time.time() - t_start, 'train_s': train_s, 'eval_images': n_eval, 'img_size': img_size,
            'model': model, 'compute_1e10': compute_prev + compute_1e10}
-write_log({'stage': stage, 'samples': samples_seen, 'samples_total': samples_prev + samples_seen, 'clean_acc': clean,
-           'pgd20_acc': robust, 'compute_1e10': results['compute_1e10'], 'final': True})
+write_log({**progress(), 'clean_acc': clean, 'pgd20_acc': robust, 'compute_1e10': results['compute_1e10'], 'final': True})
 if master:
     with open(os.path.join(out_dir, 'results.json'), 'w') as f:
         json.dump(results, f, indent=2)
