@@ -42,3 +42,19 @@ def test_cuda_row_code_runs_on_cpu():
 def test_fast_path_row_runs():
     r = bench.bench_fast_path(True, CPU, rows=[('vit_pico_patch4', 16, 1, 4)])[0]
     assert r['freeze_speedup_eager'] > 0 and r['freeze_speedup_compiled'] > 0 and r['grad_ckpt_speed_ratio'] > 0
+
+
+def test_autoattack_row_reads_the_official_log():
+    """The row pairs our per-attack accuracy and time with those parsed from the official log."""
+    pytest.importorskip('pyautoattack')
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10)).eval().requires_grad_(False)
+    x = torch.rand(12, 3, 8, 8)
+    y = model(x).argmax(1)  # all correct: every attack has points to run on
+    r = bench.bench_autoattack(model, x, y, '12 random points', 'Linf', 2 / 255, version='custom',
+                               attacks=['apgd-ce', 'apgd-dlr'])
+    assert r['diff_points'] == 0 and [row[0] for row in r['per_attack']] == ['APGD-CE', 'APGD-DLR']
+    assert 0 < r['per_attack'][0][1] < 100  # some points fooled, some not, at 2/255
+    for name, ours, official, ours_s, official_s in r['per_attack']:
+        assert round(ours, 2) == official and 0 <= official_s <= r['official_s'] and 0 <= ours_s <= r['ours_s']
+    bench.print_tables({'info': dict(date='-', gpu=None, cpu_threads=1, quick=True), 'autoattack': {'t': r}})
