@@ -275,11 +275,16 @@ def official_autoattack(model, x, y, norm, eps, seed, bs, version='standard', at
     lines = []
     handler = logging.Handler(logging.DEBUG)
     handler.emit = lambda record: lines.append(record.getMessage())
+    # the official code reports per-attack results only through the global 'auto-attack' logger,
+    # which another user of pyautoattack may have silenced
     aa.logger.addHandler(handler)
     aa.logger.setLevel(logging.DEBUG)
-    aa.logger.propagate = False
+    aa.logger.propagate, aa.logger.disabled = False, False
     t0 = time.time()
-    _, y_adv = aa.run_standard_evaluation(x, y, batch_size=bs)
+    try:
+        _, y_adv = aa.run_standard_evaluation(x, y, batch_size=bs)
+    finally:
+        aa.logger.removeHandler(handler)
     seconds = time.time() - t0
     found = [m for m in (re.match(r'robust accuracy after (\S+): ([\d.]+)% \(total time ([\d.]+) s', l)
                          for l in lines) if m]
