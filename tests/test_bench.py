@@ -56,5 +56,6 @@ def test_autoattack_row_reads_the_official_log():
     assert r['diff_points'] == 0 and [row[0] for row in r['per_attack']] == ['APGD-CE', 'APGD-DLR']
     assert 0 < r['per_attack'][0][1] < 100  # some points fooled, some not, at 2/255
     for name, ours, official, ours_s, official_s in r['per_attack']:
-        assert round(ours, 2) == official and 0 <= official_s <= r['official_s'] and 0 <= ours_s <= r['ours_s']
+        # (the official log rounds to 0.1 s)
+        assert round(ours, 2) == official and 0 <= official_s <= r['official_s'] + 0.05 and 0 <= ours_s <= r['ours_s']
     bench.print_tables({'info': dict(date='-', gpu=None, cpu_threads=1, quick=True), 'autoattack': {'t': r}})
