@@ -246,6 +246,14 @@ def ensure_demo(root=DEMO_ROOT, n_train=12000, n_val=1000, seed=0, shard_size=10
 
 
 # ----------------------------------------------------------------------------- ImageFolder
+def class_names(root):
+    """Class names in label order for an ImageFolder root: its sorted subfolder names (the
+    demo's known without generating it; note they are not in DEMO_CLASSES order)."""
+    if os.path.abspath(root).startswith(os.path.abspath(DEMO_ROOT) + os.sep):
+        return sorted(DEMO_CLASSES)
+    return ImageFolderSafe(root, None).classes
+
+
 class ImageFolderSafe(Dataset):
     """ImageNet-style folder of class subfolders. An unreadable image yields None (the collate
     function drops and counts it) instead of killing the run. Items are (index, aug_seed)."""

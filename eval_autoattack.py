@@ -893,12 +893,7 @@ def load_model(path, arch=None):
         import clip_head
         import data
         tower = clip_head.load_text_tower(cfg['text_tower'], cfg['text_pretrained'] or None, seed=cfg['seed'])
-        if cfg['num_classes'] == 1000:
-            classes = clip_head.imagenet_classnames()
-        elif cfg['val_data'].startswith(data.DEMO_ROOT):
-            classes = data.DEMO_CLASSES
-        else:
-            classes = data.ImageFolderSafe(cfg['val_data'], None).classes
+        classes = clip_head.imagenet_classnames() if cfg['num_classes'] == 1000 else data.class_names(cfg['val_data'])
         weights = clip_head.zeroshot_weights(tower, classes, list(cfg['prompt_templates']) or None)
         m = clip_head.ZeroShotClassifier(m, weights)
         m.config = m.image_model.config
@@ -966,21 +961,41 @@ class Bf16(torch.nn.Module):
             return self.model(x).float()
 
 
-def save_examples(model, x, x_adv, y, path, k=8):
-    """A grid: clean images, adversarial images, perturbations amplified to full range."""
-    from torchvision.utils import save_image
+def save_examples(model, x, x_adv, y, path, k=8, class_names=None):
+    """A PNG grid, one column per fooled point (at most k): the clean image captioned with its
+    true and predicted labels, the adversarial image with its predicted label, and the
+    perturbation amplified to full range with its Linf and L2 norms. Returns the same facts."""
+    from PIL import Image, ImageDraw, ImageFont
     idx = ((x_adv - x).flatten(1).abs().sum(1) > 0).nonzero()[:k, 0]
     if len(idx) == 0:
         return []
     xc, xa = x[idx], x_adv[idx]
     d = xa - xc
     amp = d / (2 * d.flatten(1).abs().max(1)[0].clamp_min(1e-12).view(-1, 1, 1, 1)) + 0.5
-    save_image(torch.cat([xc, xa, amp]), path, nrow=len(idx), padding=2)
     dev = next(model.parameters()).device
     with torch.no_grad():
         pc, pa = model(xc.to(dev)).argmax(1).tolist(), model(xa.to(dev)).argmax(1).tolist()
-    return [dict(index=int(i), label=int(y[i]), clean_pred=pc[j], adv_pred=pa[j], **{
-        f'{nm}': float(_flat_norm(d[j:j + 1], nm)) for nm in ('Linf', 'L2', 'L1')}) for j, i in enumerate(idx)]
+    name = lambda c: class_names[c] if class_names and c < len(class_names) else str(c)
+    facts = [dict(index=int(i), label=int(y[i]), clean_pred=pc[j], adv_pred=pa[j], **{
+        nm: float(_flat_norm(d[j:j + 1], nm)) for nm in ('Linf', 'L2', 'L1')}) for j, i in enumerate(idx)]
+    tile = max(x.shape[-1], 112)  # small images upscaled (nearest) so the captions fit under them
+    font, line, pad = ImageFont.load_default(), 12, 2
+    cell_h = tile + 2 * line + pad
+    grid = Image.new('RGB', (len(idx) * (tile + pad), 3 * cell_h), 'white')
+    draw = ImageDraw.Draw(grid)
+    for j, f in enumerate(facts):
+        captions = [(f"true {name(f['label'])}", f"pred {name(f['clean_pred'])}"),
+                    (f"pred {name(f['adv_pred'])}", ''),
+                    (f"Linf {f['Linf'] * 255:.1f}/255", f"L2 {f['L2']:.2f}")]
+        for r, img in enumerate((xc[j], xa[j], amp[j])):
+            pil = Image.fromarray(img.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+            x0, y0 = j * (tile + pad), r * cell_h
+            grid.paste(pil.resize((tile, tile), Image.NEAREST), (x0, y0))
+            for t, text in enumerate(captions[r]):
+                colour = 'red' if r == 1 and f['adv_pred'] != f['label'] else 'black'
+                draw.text((x0 + 2, y0 + tile + t * line), text[:tile // 6], fill=colour, font=font)
+    grid.save(path)
+    return facts
 
 
 def main(argv=None):
@@ -1080,8 +1095,12 @@ def main(argv=None):
             say(f"{a:<10} {acc:>9.2f}%")
         out = os.path.join(out_dir, f'autoattack_{args.norm}_{eps_tag}.json')
         if args.save_examples and rank == 0:
+            import clip_head
+            import data
+            names = data.class_names(os.path.join(data.DEMO_ROOT, 'val')) if args.data is None else \
+                clip_head.imagenet_classnames()  # (ImageNet's labels: sorted wnids, the list's order)
             png = out[:-5] + '_examples.png'
-            res['examples'] = save_examples(model, x, r['x_adv'], y, png)
+            res['examples'] = save_examples(model, x, r['x_adv'], y, png, class_names=names)
             res['examples_png'] = png
             say(f"examples: {png} (rows: clean, adversarial, amplified perturbation)")
     if rank == 0:

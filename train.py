@@ -227,7 +227,7 @@ if web or (src is not None and src_cfg.get('data') == 'webdataset'):
     tower_cfg = config if web else src_cfg  # a labelled stage rebuilds the web run's own tower and prompts
     tower = load_text_tower(tower_cfg['text_tower'], tower_cfg['text_pretrained'] or None, device,
                             precision='bf16' if dtype == 'bfloat16' else 'fp32', seed=tower_cfg['seed'])
-    classnames = imagenet_classnames() if num_classes == 1000 else datalib.ImageFolderSafe(val_data, None).classes
+    classnames = imagenet_classnames() if num_classes == 1000 else datalib.class_names(val_data)
     zs_weights = zeroshot_weights(tower, classnames, list(tower_cfg['prompt_templates']) or None).to(device)
 if web:
     model_args['embed_out'] = tower.embed_dim

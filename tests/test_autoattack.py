@@ -381,3 +381,34 @@ def test_cli_smoke(tmp_path, arch):
     assert list(r['per_attack']) == ['apgd-ce'] and r['nonstandard'] == []
     r = ea.main(['--ckpt', str(ckpt), '--n_ex', '6', '--pgd20', '--eps', '1/255'])
     assert os.path.exists(tmp_path / 'pgd20_Linf_1-255.json') and 0 <= r['robust_acc'] <= r['clean_acc']
+
+
+def test_save_examples_grid(tmp_path):
+    """One column per changed point: the clean image, the adversarial one (captioned in red when
+    fooled) and the amplified perturbation, with the labels the model predicts."""
+    import numpy as np
+    from PIL import Image
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(SHAPE), 10)).eval().requires_grad_(False)
+    x = torch.rand(4, *SHAPE)
+    y = model(x).argmax(1)
+    x_adv = x.clone()
+    x_adv[1] = (x[1] + 0.3 * torch.sign(model[1].weight[(y[1] + 1) % 10] - model[1].weight[y[1]]).view(SHAPE)).clamp(0, 1)
+    x_adv[3] = (x[3] + 0.01).clamp(0, 1)  # changed, likely not fooled
+    names = [f'c{i}' for i in range(10)]
+    facts = ea.save_examples(model, x, x_adv, y, tmp_path / 'ex.png', class_names=names)
+    assert [f['index'] for f in facts] == [1, 3]
+    with torch.no_grad():
+        assert [f['adv_pred'] for f in facts] == model(x_adv[[1, 3]]).argmax(1).tolist()
+        assert [f['clean_pred'] for f in facts] == y[[1, 3]].tolist() == [f['label'] for f in facts]
+    assert facts[0]['adv_pred'] != facts[0]['label']
+    assert abs(facts[1]['Linf'] - float((x_adv[3] - x[3]).abs().max())) < 1e-6
+    img = np.asarray(Image.open(tmp_path / 'ex.png').convert('RGB')).astype(int)
+    tile, cell_h = 112, 112 + 2 * 12 + 2
+    assert img.shape == (3 * cell_h, 2 * (tile + 2), 3)
+    clean = (x[1].permute(1, 2, 0).numpy() * 255).round().astype(int)
+    assert (img[:tile:14, :tile:14] == clean).all()  # nearest upscaling by 14: every 14th pixel
+    caption = img[cell_h + tile:2 * cell_h, :tile]   # under the first adversarial image
+    red = (caption[..., 0] > 150) & (caption[..., 1] < 100) & (caption[..., 2] < 100)
+    assert red.any()  # fooled: captioned in red
+    assert (img[tile:tile + 24, :tile] < 128).any()  # the clean caption was drawn

@@ -338,6 +338,15 @@ def test_train_py_web_stage_then_zero_shot_then_fine_tune(tmp_path):
     assert res['clean_acc'] > 20  # 10 classes: chance is 10%
     ck = torch.load(tmp_path / 'web' / 'ckpt.pt', weights_only=True)
     assert ck['model_args']['embed_out'] == 256 and ck['data_state']['ranks'][0]['samples'] == 9600
+    # eval_autoattack rebuilds the same zero-shot classifier from the checkpoint alone
+    import eval_autoattack as ea
+    from torchvision.datasets import ImageFolder
+    import torchvision.transforms as T
+    val = ImageFolder(f'{root}/val', T.Compose([T.Resize(ck['model_args']['img_size']), T.ToTensor()]))
+    x, y = torch.stack([v[0] for v in val]), torch.tensor(val.targets)
+    with torch.no_grad():
+        acc = 100 * (ea.load_model(str(tmp_path / 'web'))(x).argmax(1) == y).float().mean().item()
+    assert acc == pytest.approx(res['clean_acc'], abs=0.6)
     r = run('--samples=10240', '--init_from=resume')
     assert r.returncode == 0 and 'resumed' in r.stdout, r.stderr[-2000:]
     res = json.load(open(tmp_path / 'web' / 'results.json'))

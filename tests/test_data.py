@@ -33,6 +33,10 @@ def test_demo_cache_has_imagefolder_and_readable_shards(tmp_path):
     assert batch.image.shape == (8, 3, 16, 16) and 0 <= batch.image.min() and batch.image.max() <= 1
     for y, text in zip(batch.label.tolist(), batch.text):
         assert data.DEMO_CLASSES[y] in text
+    # label order = sorted folder names, also where the demo's is known without reading the disk
+    classes = data.ImageFolderSafe(os.path.join(root, 'val'), None).classes
+    assert data.class_names(os.path.join(root, 'val')) == classes == sorted(data.DEMO_CLASSES)
+    assert data.class_names(os.path.join(data.DEMO_ROOT, 'val')) == classes != data.DEMO_CLASSES
     mtime = os.path.getmtime(os.path.join(root, 'DONE'))
     data.ensure_demo(str(tmp_path / 'demo'), n_train=40, n_val=20, shard_size=16)  # cached: not rebuilt
     assert os.path.getmtime(os.path.join(root, 'DONE')) == mtime
