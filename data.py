@@ -7,13 +7,27 @@ permutation, cut into global batches whose per-rank slices go to the ranks, so
 1 process x batch 2B and 2 processes x batch B see the same samples, and the stream
 position (samples consumed) is all a checkpoint needs to resume exactly. Augmentation
 randomness is seeded per sample position, so it does not depend on workers or ranks.
+
+Training images leave the workers as uint8 (to_device() makes [0,1] floats on the device);
+the augmentation is the MAE recipe's, from timm (RandomResizedCrop's distribution,
+RandAugment, Mixup/CutMix, RandomErasing), with the crop decoded cheaply (load_train_image).
+Data kinds: an ImageFolder tree, caption shards (img2dataset: .jpg + .txt) and labelled
+shards (.jpg + .cls, the ImageNet-21K layout; make_shards.py writes them from an ImageFolder).
 """
+import atexit
+import contextlib
+import functools
 import io
+import json
 import math
+import multiprocessing
 import os
+import random
 import shutil
+import signal
 import sys
 import tarfile
+import threading
 from collections import namedtuple
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -22,12 +36,17 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
+from timm.data.auto_augment import posterize as timm_posterize, rand_augment_transform
+from timm.data.mixup import Mixup, mixup_target
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.webp', '.bmp', '.ppm', '.tif', '.tiff', '.JPEG')
+RESAMPLE = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC}
 
 
 # ----------------------------------------------------------------------------- demo data
@@ -254,20 +273,28 @@ def class_names(root):
     return ImageFolderSafe(root, None).classes
 
 
+def list_image_folder(root):
+    """(classes, [(path, label)]) of an ImageNet-style folder of class subfolders, sorted."""
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    samples = [(os.path.join(root, c, f), i) for i, c in enumerate(classes)
+               for f in sorted(os.listdir(os.path.join(root, c))) if f.endswith(IMG_EXTENSIONS)]
+    return classes, samples
+
+
 class ImageFolderSafe(Dataset):
     """ImageNet-style folder of class subfolders. An unreadable image yields None (the collate
-    function drops and counts it) instead of killing the run. Items are (index, aug_seed)."""
+    function drops and counts it) instead of killing the run. Items are (index, aug_seed).
+    `transform` takes a PIL image, or with from_file=True the file path and the seed (the
+    training transform, which decodes only what its crop needs)."""
 
-    def __init__(self, root, transform):
+    def __init__(self, root, transform, from_file=False):
         if not os.path.isdir(root):
             raise SystemExit(f"data folder not found: {root} (set --data / --train_data to an ImageFolder "
                              f"root with one subfolder per class, or leave data='demo')")
-        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        self.samples = [(os.path.join(root, c, f), i) for i, c in enumerate(self.classes)
-                        for f in sorted(os.listdir(os.path.join(root, c))) if f.endswith(IMG_EXTENSIONS)]
+        self.classes, self.samples = list_image_folder(root)
         if not self.samples:
             raise SystemExit(f"no images found under {root} (expected {root}/<class>/<image>.jpg|png)")
-        self.transform = transform
+        self.transform, self.from_file = transform, from_file
 
     def __len__(self):
         return len(self.samples)
@@ -276,6 +303,8 @@ class ImageFolderSafe(Dataset):
         index, aug_seed = item
         path, label = self.samples[index]
         try:
+            if self.from_file:
+                return self.transform(path, aug_seed), label
             with Image.open(path) as img:
                 img = img.convert('RGB')
         except Exception:  # truncated, corrupt or not an image at all
@@ -286,13 +315,41 @@ class ImageFolderSafe(Dataset):
 
 def collate_skip_bad(batch):
     good = [b for b in batch if b is not None]
-    x = torch.stack([b[0] for b in good]) if good else torch.zeros(0)
+    x = torch.stack([b[0] for b in good]) if good else torch.zeros(0, dtype=torch.uint8)
     y = torch.tensor([b[1] for b in good], dtype=torch.long)
     return x, y, len(batch) - len(good)
 
 
 def collate_drop_bad(batch):
     return collate_skip_bad(batch)[:2]
+
+
+def _ignore_sigterm(worker_id, init_fn=None):
+    # a SIGTERM to the process group (SLURM, k8s) must reach only the trainer, which checkpoints;
+    # a worker killed by it would make the DataLoader raise before the checkpoint is written
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if init_fn is not None:
+        init_fn(worker_id)
+
+
+def worker_init(init_fn=None):
+    """A DataLoader worker_init_fn: workers ignore SIGTERM, then run init_fn (if any)."""
+    return functools.partial(_ignore_sigterm, init_fn=init_fn)
+
+
+@atexit.register  # registered after multiprocessing's own exit handler, so it runs before it
+def _kill_workers_at_exit():
+    # at exit multiprocessing terminates every daemonic child (DataLoader workers are) with SIGTERM
+    # and then waits for it; workers that ignore SIGTERM would make that wait forever, so do the
+    # same first with SIGKILL (torch's SIGCHLD handler would report that as a worker failure)
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    if children and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in children:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 class SampleStream(Sampler):
@@ -319,28 +376,101 @@ class SampleStream(Sampler):
             pos = (p + 1) * (self.per_pass // self.world)
 
 
-def train_transform(img_size, crop_scale=(0.08, 1.0), hflip=True, randaug_n=2, randaug_m=9):
-    # anti-aliased bilinear resize: the paper's token reduction by resizing happens right here
-    t = [T.RandomResizedCrop(img_size, scale=crop_scale, interpolation=T.InterpolationMode.BILINEAR, antialias=True)]
-    if hflip:
-        t.append(T.RandomHorizontalFlip())
-    if randaug_n > 0:
-        t.append(T.RandAugment(num_ops=randaug_n, magnitude=randaug_m))
-    return T.Compose(t + [T.ToTensor()])
+# ----------------------------------------------------------------------------- the training transform
+# One function from an encoded image to a uint8 (3, S, S) tensor, the MAE recipe's augmentation
+# (timm's create_transform: RandomResizedCropAndInterpolation, flip, RandAugment) done cheaply:
+# - the crop box is drawn from the header's size (Image.open reads only the header), with timm's
+#   own get_params, so the box distribution is timm's exactly (tested on fixed seeds);
+# - the JPEG is decoded with DCT scaling (Image.draft) at the largest 1/2^k that keeps the box at
+#   least S px on each side (112 px crops of 500x375 photos: 1/2 for about two thirds of the
+#   boxes, full scale for the rest);
+# - the box, mapped into the reduced image, is resized to S x S in one anti-aliased PIL resize;
+# - flip, then timm's RandAugment on the small image (timm's order), then uint8 out: workers
+#   hand 1/4 of float32's bytes to shared memory and pinning, to_device() makes floats on the GPU.
+# Randomness: python's `random` and numpy's global RNG (what timm's transforms draw from) are
+# seeded from the sample's aug_seed, so a sample's augmentation depends on its stream position only.
+@functools.lru_cache(maxsize=8)
+def _rand_augment(config, img_size, interpolation):
+    # timm's hparams as create_transform sets them (translate 45% of the side, fill = ImageNet mean)
+    hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple(min(255, round(255 * m)) for m in IMAGENET_MEAN),
+                   interpolation=RESAMPLE[interpolation])
+    ra = rand_augment_transform(config, hparams)
+    for op in ra.ops:  # Pillow 13 refuses posterize(img, 0), which timm's PosterizeIncreasing asks for at
+        if op.aug_fn is timm_posterize:  # magnitude 10 (m9 + mstd0.5 gets there): 0 bits kept = black, as before
+            op.aug_fn = _posterize
+    return ra
+
+
+def _posterize(img, bits_to_keep, **kw):
+    return Image.new(img.mode, img.size) if bits_to_keep <= 0 else timm_posterize(img, bits_to_keep, **kw)
+
+
+def seed_sample(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+
+
+def draft_scale(box_w, box_h, img_size):
+    """The largest DCT reduction 1/k (k in 1, 2, 4, 8) that keeps a box_w x box_h box >= img_size."""
+    k = 8
+    while k > 1 and min(box_w, box_h) < k * img_size:
+        k //= 2
+    return k
+
+
+def load_train_image(src, seed, img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, auto_augment='',
+                     interpolation='bilinear'):
+    """Image file path or bytes -> uint8 (3, img_size, img_size) tensor: random resized crop
+    (timm's distribution), horizontal flip with probability hflip, timm RandAugment
+    (`auto_augment`, e.g. MAE's 'rand-m9-mstd0.5-inc1'; '' = none). Deterministic in seed."""
+    seed_sample(seed)
+    im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
+    top, left, h, w = RandomResizedCropAndInterpolation.get_params(im, scale, ratio)  # header only, no decoding
+    k = draft_scale(w, h, img_size) if im.format == 'JPEG' else 1
+    if k > 1:
+        width = im.width
+        drafted = im.draft('RGB', (im.width // k, im.height // k))  # (mode, the full image in reduced pixels)
+        k = width / drafted[1][2] if drafted else 1  # the scale the decoder will use
+    im = im.convert('RGB')
+    # crop first, then resize, as timm does: the filter sees only the crop (clamped at its edges);
+    # in a reduced image the box has fractional edges: crop the pixels it touches, resize the rest
+    l, t, r, b = left / k, top / k, (left + w) / k, (top + h) / k
+    x0, y0 = math.floor(l), math.floor(t)
+    im = im.crop((x0, y0, math.ceil(r), math.ceil(b)))
+    im = im.resize((img_size, img_size), RESAMPLE[interpolation], box=(l - x0, t - y0, r - x0, b - y0))
+    if random.random() < hflip:
+        im = im.transpose(Image.FLIP_LEFT_RIGHT)
+    if auto_augment:
+        im = _rand_augment(auto_augment, img_size, interpolation)(im)
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy())
+
+
+def train_transform(img_size, crop_scale=(0.08, 1.0), hflip=True, auto_augment='', interpolation='bilinear',
+                    ratio=(3 / 4, 4 / 3)):
+    """The training transform for image_folder_loader: (path, seed) -> uint8 (3, S, S) tensor.
+    Anti-aliased bilinear by default: the paper's token reduction by resizing happens here."""
+    return functools.partial(load_train_image, img_size=img_size, scale=tuple(crop_scale), ratio=tuple(ratio),
+                             hflip=0.5 if hflip is True else float(hflip), auto_augment=auto_augment,
+                             interpolation=interpolation)
 
 
 def val_transform(img_size, crop_pct=0.875, interpolation='bilinear'):
+    """Evaluation preprocessing, float [0,1]: resize the short side to int(img_size / crop_pct),
+    then center crop. eval_autoattack.py uses this same function (on ImageNet by default as the
+    official AdvXL evaluation does it: crop_pct 0.9, bicubic; the ImageNet configs set the same
+    val_crop_pct / val_interpolation, so training-time validation matches the evaluator)."""
     mode = T.InterpolationMode.BICUBIC if interpolation == 'bicubic' else T.InterpolationMode.BILINEAR
     return T.Compose([T.Resize(int(img_size / crop_pct), interpolation=mode, antialias=True),
                       T.CenterCrop(img_size), T.ToTensor()])
 
 
 def image_folder_loader(root, transform, batch_size, rank=0, world=1, seed=0, start=0, num_workers=2):
-    """Endless training loader; yields (images, labels, n_bad) per rank."""
-    ds = ImageFolderSafe(root, transform)
+    """Endless training loader; yields (uint8 images, labels, n_bad) per rank. `transform` is
+    train_transform(...): (path, seed) -> uint8 tensor."""
+    ds = ImageFolderSafe(root, transform, from_file=True)
     stream = SampleStream(len(ds), batch_size, rank, world, seed, start)
     return DataLoader(ds, sampler=stream, batch_size=batch_size, collate_fn=collate_skip_bad,
-                      num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                      num_workers=num_workers, pin_memory=torch.cuda.is_available(), worker_init_fn=worker_init(),
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
 
 
@@ -362,40 +492,76 @@ def val_loader(root, transform, batch_size, max_samples=None, rank=0, world=1, n
     n = len(ds) if max_samples is None else min(max_samples, len(ds))
     subset = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
     return DataLoader(ds, sampler=_Fixed(subset[rank::world]), batch_size=batch_size,
-                      collate_fn=collate_drop_bad, num_workers=num_workers)
+                      collate_fn=collate_drop_bad, num_workers=num_workers, worker_init_fn=worker_init())
 
 
-# ----------------------------------------------------------------------------- MixUp / CutMix
+# ----------------------------------------------------------------------------- on the device
+# Workers hand over uint8; the rest of the recipe runs on the device, on the whole batch, with
+# timm's implementations, its randomness seeded per step (exact resume).
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def to_device(x, device):
+    """uint8 batch -> float [0,1] on the device (the copy moves 1/4 of float32's bytes)."""
+    return x.to(device, non_blocking=True).float().div_(255)
+
+
 def soft_targets(y, num_classes, smoothing=0.0):
-    return torch.full((y.shape[0], num_classes), smoothing / num_classes, device=y.device).scatter_(
-        1, y.unsqueeze(1), 1 - smoothing + smoothing / num_classes)
+    """One-hot targets with label smoothing (timm's)."""
+    return mixup_target(y, num_classes, 1.0, smoothing)
 
 
-def mix_batch(x, targets, mixup_alpha=0.0, cutmix_alpha=0.0):
-    """MixUp or CutMix (chosen with equal odds when both are on) with the batch reversed, as
-    timm does for MAE/DeiT recipes. Returns mixed images and mixed soft targets."""
+@contextlib.contextmanager
+def _seeded_global_rngs(seed):
+    # timm's Mixup and RandomErasing draw from numpy's / python's global RNGs: seed them for
+    # this step only and give the caller's state back
+    np_state, py_state = np.random.get_state(), random.getstate()
+    seed_sample(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(np_state), random.setstate(py_state)
+
+
+def mix_batch(x, targets, mixup_alpha=0.0, cutmix_alpha=0.0, seed=None):
+    """timm's Mixup as the MAE recipe runs it: per batch, mixup or cutmix with equal odds when
+    both are on, the batch mixed with its reverse, cutmix's lam corrected to the pasted area.
+    x: float images on the device (even batch); targets: soft_targets(y, num_classes, smoothing),
+    i.e. timm's smoothed one-hot, which timm mixes the same way. Returns (mixed x, mixed targets).
+    seed: the draws are a function of it (exact resume); None takes it from torch's global
+    RNG, which train.py seeds per (step, rank)."""
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         return x, targets
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand(()).item() < 0.5)
-    alpha = cutmix_alpha if use_cutmix else mixup_alpha
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    if use_cutmix:
-        H, W = x.shape[-2:]
-        h, w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))
-        cy, cx = torch.randint(H, ()).item(), torch.randint(W, ()).item()
-        y0, y1, x0, x1 = max(cy - h // 2, 0), min(cy + h // 2, H), max(cx - w // 2, 0), min(cx + w // 2, W)
-        x = x.clone()
-        x[..., y0:y1, x0:x1] = x.flip(0)[..., y0:y1, x0:x1]
-        lam = 1 - (y1 - y0) * (x1 - x0) / (H * W)  # the area actually pasted
-    else:
-        x = lam * x + (1 - lam) * x.flip(0)
-    return x, lam * targets + (1 - lam) * targets.flip(0)
+    if seed is None:
+        seed = int(torch.randint(2 ** 62, ()))
+    mixer = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=0.0,
+                  num_classes=targets.shape[1], multi_label=True)  # dense targets, mixed as they are
+    with _seeded_global_rngs(seed):
+        return mixer(x, targets)
+
+
+def random_erase(x, prob, seed=None):
+    """timm's RandomErasing as MAE's fine-tuning uses it (mode 'pixel': per-pixel normal noise in
+    normalised space, one box) on a float [0,1] batch on the device; erased pixels are clamped
+    to [0,1], the box the attack and the model see. Deterministic in seed (None: taken from
+    torch's global RNG, which train.py seeds per step)."""
+    if prob <= 0:
+        return x
+    if seed is None:
+        seed = int(torch.randint(2 ** 62, ()))
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    with _seeded_global_rngs(seed), torch.random.fork_rng(devices=[x.device] if x.device.type == 'cuda' else []):
+        torch.manual_seed(seed % 2 ** 63)
+        z = RandomErasing(prob, mode='pixel', device=x.device)((x - mean) / std)
+    return (z * std + mean).clamp_(0, 1)
 
 
 # ----------------------------------------------------------------------------- webdataset
 # Image-text webdataset shards (img2dataset layout: {key}.jpg|png|webp, {key}.txt, optional
 # {key}.json and {key}.cls) as an endless, resumable, DDP-aware stream for the web-scale
-# contrastive stage.
+# contrastive stage; labelled shards ({key}.jpg + {key}.cls) through the same stream for
+# supervised stages (WebLoader(labelled=True)).
 #
 # Why plain `tarfile` and not webdataset's pipeline: webdataset 1.0.2 has no resume, its
 # resampled shard lists draw shards with replacement (duplicates within a pass), and its
@@ -486,50 +652,29 @@ def iter_tar_samples(url, skip=0, wanted=None, keep=KEEP_EXTS):
 
 
 # -------------------------------------------------------------------- decoding
-def _crop_box(w, h, rng, scale, ratio):
-    """torchvision's RandomResizedCrop parameters, drawn from a numpy Generator."""
-    area = w * h
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_r))
-        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
-        if 0 < cw <= w and 0 < ch <= h:
-            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-            return left, top, left + cw, top + ch
-    r = w / h  # fallback: central crop at the nearest allowed ratio
-    cw, ch = (w, round(w / ratio[0])) if r < ratio[0] else (round(h * ratio[1]), h) if r > ratio[1] else (w, h)
-    left, top = (w - cw) // 2, (h - ch) // 2
-    return left, top, left + cw, top + ch
-
-
-def decode_sample(s, img_size, rng, train=True, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
-                  interpolation='bilinear'):
-    """Raw sample -> (uint8 (3, S, S) numpy array, caption, key, label). Train: random resized
-    crop (open_clip's default scale (0.9, 1)) and flip; eval: resize the short side and
-    centre-crop. PIL's bilinear/bicubic resize is anti-aliased (the paper's 112 px
-    pre-training resizes with anti-aliasing). Raises on anything undecodable."""
+def decode_sample(s, img_size, rng, train=True, labelled=False, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
+                  auto_augment='', interpolation='bilinear'):
+    """Raw sample -> (uint8 (3, S, S) tensor, caption, key, label). Train: load_train_image
+    (random resized crop, open_clip's default scale (0.9, 1), flip, optional RandAugment) seeded
+    from rng; eval: resize the short side and centre-crop. Caption shards need a .txt, labelled
+    shards (.jpg + .cls, the ImageNet-21K layout) a .cls. Raises on anything undecodable."""
     data = next((s[e] for e in IMAGE_EXTS if e in s), None)
-    if data is None or 'txt' not in s:
-        raise ValueError('sample has no image or no caption')
-    text = s['txt'].decode('utf-8', errors='replace')
+    if data is None or ('cls' if labelled else 'txt') not in s:
+        raise ValueError(f"sample has no image or no {'label' if labelled else 'caption'}")
+    text = s['txt'].decode('utf-8', errors='replace') if 'txt' in s else ''
     label = int(s['cls'].decode().strip()) if 'cls' in s else -1
+    if train:
+        img = load_train_image(data, int(rng.integers(2 ** 63)), img_size, scale, ratio, hflip, auto_augment,
+                               interpolation)
+        return img, text, s['__key__'], label
     im = Image.open(io.BytesIO(data))
-    d = math.ceil(img_size / math.sqrt(scale[0])) if train else img_size  # even the smallest crop keeps ~img_size px
-    im.draft('RGB', (d, d))  # JPEG: decode at a reduced scale (DCT-domain, fast) no smaller than d x d
+    im.draft('RGB', (img_size, img_size))  # JPEG: decode at a reduced scale (DCT-domain, fast) no smaller than S x S
     im = im.convert('RGB')
     w, h = im.size
-    if train:
-        box = _crop_box(w, h, rng, scale, ratio)
-    else:
-        side = min(w, h)
-        box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
-    resample = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC}[interpolation]
-    im = im.resize((img_size, img_size), resample, box=box)
-    if train and rng.random() < hflip:
-        im = im.transpose(Image.FLIP_LEFT_RIGHT)
-    img = np.ascontiguousarray(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
-    return img, text, s['__key__'], label
+    side = min(w, h)
+    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+    im = im.resize((img_size, img_size), RESAMPLE[interpolation], box=box)
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()), text, s['__key__'], label
 
 
 # -------------------------------------------------------------------- streams
@@ -623,16 +768,20 @@ class WebStream(IterableDataset):
                 imgs.append(img), texts.append(text), keys.append(key), labels.append(label)
             b += 1
             # numpy, not torch: tiny torch ops on a busy CPU wait on the intra-op thread pool (100x slower)
-            x = np.stack(imgs)
+            x = np.stack([i.numpy() for i in imgs])
             x = torch.from_numpy(x if self.uint8 else x.astype(np.float32) / np.float32(255))
             state = {'k': reader.k, 'n': reader.n, 'b': b, 'buf': [list(r) for r, _ in buf],
                      'skipped': dict(reader.skipped)}
-            yield x, texts, keys, torch.tensor(labels), {'stream': g, 'state': state}
+            # the state as one string: the DataLoader would otherwise walk (default_convert) and pickle
+            # the buffer's references element by element, for every batch
+            yield x, texts, keys, torch.tensor(labels), {'stream': g, 'state': json.dumps(state)}
 
 
 class WebLoader:
-    """Endless batches WebBatch(image (B,3,S,S) in [0,1], text list[str], key list[str],
-    label LongTensor or None) for this rank. Counts exactly what it yields (`samples`,
+    """Endless batches WebBatch(image (B,3,S,S) in [0,1], or uint8 with uint8=True, text
+    list[str], key list[str], label LongTensor or None) for this rank. labelled=True reads
+    labelled shards (.cls required, no caption needed: text is ''); otherwise a caption is
+    required. decode_kw: decode_sample's (scale, ratio, hflip, auto_augment, interpolation). Counts exactly what it yields (`samples`,
     `batches`) and what it skipped (`skipped`: totals over this rank's streams;
     `skipped_last`: in the latest batch), and `state_dict()` restores the stream exactly
     (see the module docstring). Iterating again continues from the current state."""
@@ -657,7 +806,11 @@ class WebLoader:
         return {k: sum(st['skipped'][k] for st in self.streams.values()) for k in SKIP_KINDS}
 
     def state_dict(self):
-        return {'layout': self.layout(), 'base': self.base, 'streams': dict(self.streams),
+        # only this rank's own streams: after a resume self.streams also holds the other ranks'
+        # (stale) states, which must not reach the checkpoint
+        W = max(1, self.num_workers)
+        own = {g: st for g, st in self.streams.items() if g // W == self.rank}
+        return {'layout': self.layout(), 'base': self.base, 'streams': own,
                 'ranks': {self.rank: {'batches': self.batches, 'samples': self.samples}}}
 
     def load_state_dict(self, state):
@@ -680,12 +833,16 @@ class WebLoader:
         ds = WebStream(self.urls, self.img_size, self.batch_size, self.rank, self.world_size, self.num_workers,
                        self.seed, self.shuffle_buffer, dict(self.streams), self.base, self.batches % W, self.train,
                        self.uint8, self.decode_kw)
+        # its own generator: starting the DataLoader draws a seed, which must not come from torch's global
+        # RNG (train.py seeds it per step, and a resumed run starts this iterator at another step)
         dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                        persistent_workers=False)
+                        persistent_workers=False, worker_init_fn=worker_init() if self.num_workers > 0 else None,
+                        generator=torch.Generator().manual_seed(self.seed))
         for x, texts, keys, labels, meta in dl:
+            state = json.loads(meta['state'])
             prev = self.streams.get(meta['stream'], new_stream_state())['skipped']
-            self.skipped_last = {k: meta['state']['skipped'][k] - prev[k] for k in SKIP_KINDS}
-            self.streams[meta['stream']] = meta['state']
+            self.skipped_last = {k: state['skipped'][k] - prev[k] for k in SKIP_KINDS}
+            self.streams[meta['stream']] = state
             self.batches += 1
             self.samples += len(texts)
             yield WebBatch(x, texts, keys, labels if bool((labels >= 0).all()) else None)
@@ -699,9 +856,15 @@ def web_loader(pattern, img_size, batch_size, rank=0, world_size=1, seed=0, num_
 
 
 def merge_states(states):
-    """One state from the per-rank state_dicts (streams are keyed by global stream id)."""
+    """One state from the per-rank state_dicts (streams are keyed by global stream id
+    g = rank * num_workers + worker). Stream g's state comes from its owner, rank
+    g // num_workers, whatever the order of `states` and whatever else a rank reported."""
+    W = states[0]['layout']['num_workers']
     out = {'layout': states[0]['layout'], 'base': states[0]['base'], 'streams': {}, 'ranks': {}}
     for s in states:
-        out['streams'].update(s['streams'])
         out['ranks'].update(s['ranks'])
+        ranks = {int(r) for r in s['ranks']}
+        for g, st in s['streams'].items():
+            if int(g) // W in ranks or int(g) not in out['streams']:  # the owner's copy wins
+                out['streams'][int(g)] = st
     return out
