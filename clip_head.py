@@ -11,6 +11,7 @@ such a tower) and a caption-embedding side file so training can skip the text to
     x_adv = attack.pgd(raw_model, x, txt, attack_loss_fn(loss_fn), eps, step, steps)
     loss = loss_fn(ddp_model(x_adv), txt)       # gathers the global batch under DDP
 """
+import copy
 import logging
 import math
 import os
@@ -39,15 +40,17 @@ def _open_clip():
 # -------------------------------------------------------------------- text tower
 class TextTower(nn.Module):
     """The frozen text half of an open_clip model plus its tokenizer. encode() returns
-    L2-normalised float32 embeddings and remembers them per string (LRU, `cache_size`
-    entries, on the tower's device), so class prompts and repeated captions run once."""
+    L2-normalised float32 embeddings and remembers them per string in one (cache_size, E)
+    table on the tower's device (LRU), so class prompts and repeated captions run once and a
+    batch's lookups are one gather, not a kernel per caption."""
 
     def __init__(self, clip, tokenizer, name, pretrained, embed_dim, cache_size=65536):
         super().__init__()
         self.clip, self.tokenizer = clip, tokenizer
         self.name, self.pretrained, self.embed_dim = name, pretrained, embed_dim
         self.cache_size = cache_size
-        self._cache = OrderedDict()
+        self._rows = OrderedDict()  # text -> row of _table, least recently used first
+        self._table = None
         self.hits = self.misses = 0
         self.requires_grad_(False)
         self.eval()
@@ -59,30 +62,52 @@ class TextTower(nn.Module):
     def device(self):
         return next(self.clip.parameters()).device
 
+    def _to_device(self, t):
+        # pinned host memory + non_blocking: the copy does not stall the host (no sync)
+        return t.pin_memory().to(self.device, non_blocking=True) if self.device.type == 'cuda' else t.to(self.device)
+
+    @torch.no_grad()
+    def _embed(self, texts, batch_size):
+        # always batch_size rows (padded with ''): a text's embedding then does not depend on which
+        # texts share its batch (GEMMs of other shapes round differently), so a resumed run, whose
+        # cache refills in other batches, trains on the same bits
+        out = []
+        for i in range(0, len(texts), batch_size):
+            chunk = texts[i:i + batch_size]
+            tokens = self._to_device(self.tokenizer(chunk + [''] * (batch_size - len(chunk))))
+            out.append(F.normalize(self.clip.encode_text(tokens).float(), dim=-1)[:len(chunk)])
+        return torch.cat(out) if out else torch.empty(0, self.embed_dim, device=self.device)
+
     @torch.no_grad()
     def encode(self, texts, batch_size=256, cache=True):
         texts = list(texts)
-        got = {}
-        for t in dict.fromkeys(texts):  # unique, in order
-            if cache and t in self._cache:
-                self._cache.move_to_end(t)
-                got[t] = self._cache[t]
-        todo = [t for t in dict.fromkeys(texts) if t not in got]
+        unique = list(dict.fromkeys(texts))
+        if not cache or not self.cache_size or len(unique) > self.cache_size:
+            self.misses += len(unique) if cache else 0  # more distinct texts than rows: all run, none stay
+            feats = self._embed(unique, batch_size)
+            pos = {t: i for i, t in enumerate(unique)}
+            return feats[self._to_device(torch.tensor([pos[t] for t in texts], dtype=torch.long))]
+        for t in unique:
+            if t in self._rows:
+                self._rows.move_to_end(t)
+        todo = [t for t in unique if t not in self._rows]
         self.hits += len(texts) - len(todo)
         self.misses += len(todo)
-        for i in range(0, len(todo), batch_size):
-            chunk = todo[i:i + batch_size]
-            tokens = self.tokenizer(chunk).to(self.device)
-            feats = F.normalize(self.clip.encode_text(tokens).float(), dim=-1)
-            for t, f in zip(chunk, feats):
-                got[t] = f.clone()  # own storage, so evicting frees it
-                if cache and self.cache_size:
-                    self._cache[t] = got[t]
-                    if len(self._cache) > self.cache_size:
-                        self._cache.popitem(last=False)
+        if todo:
+            if self._table is None:
+                self._table = torch.zeros(self.cache_size, self.embed_dim, device=self.device)
+            free = iter(range(len(self._rows), self.cache_size))
+            rows = []
+            for t in todo:  # a free row, else the least recently used one (never one of this batch's)
+                r = next(free, None)
+                if r is None:
+                    r = self._rows.popitem(last=False)[1]
+                self._rows[t] = r
+                rows.append(r)
+            self._table.index_copy_(0, self._to_device(torch.tensor(rows, dtype=torch.long)), self._embed(todo, batch_size))
         if not texts:
             return torch.empty(0, self.embed_dim, device=self.device)
-        return torch.stack([got[t] for t in texts])
+        return self._table[self._to_device(torch.tensor([self._rows[t] for t in texts], dtype=torch.long))]
 
 
 def _online(host, timeout=3.0):
@@ -211,7 +236,8 @@ def load_text_tower(name='ViT-L-14-CLIPA', pretrained='datacomp1b', device='cpu'
         logging.disable(logging.WARNING)  # open_clip warns 'initialized randomly': we load the weights below
         try:
             clip = oc.create_model(name, pretrained=None, precision=precision, device='cpu', vision_cfg=TINY_VISION,
-                                   pretrained_text=False, pretrained_image=False)
+                                   pretrained_text=False, pretrained_image=False,
+                                   force_quick_gelu=_tag_quick_gelu(oc, name, pretrained))
         finally:
             logging.disable(logging.NOTSET)
     del clip.visual  # encode_text never touches it (CLIP: transformer/token_embedding/...; CustomTextCLIP: .text)
@@ -421,3 +447,196 @@ class CaptionEmbeddings:
 
 
 load_caption_embeddings = CaptionEmbeddings
+
+
+
+# -------------------------------------------------------------------- open_clip image towers (TeCoA, FARE)
+def _tag_quick_gelu(oc, name, tag):
+    # OpenAI's weights were trained with QuickGELU; open_clip's plain names ('ViT-L-14') build exact GELU
+    # and only its '-quickgelu' names or the tag's config say otherwise (a wrong activation loads silently)
+    if not tag or os.path.isfile(os.path.expanduser(str(tag))):
+        return False
+    return bool((oc.get_pretrained_cfg(name, tag) or {}).get('quick_gelu'))
+
+
+def parse_open_clip_spec(spec):
+    """'name[/tag][:file[:file...]]' -> (name, tag or None, [files]), or None when `name` is not
+    an open_clip model (e.g. a run's out_dir):
+      'ViT-L-14/openai'                     pretrained tag (cache, else download when online)
+      'ViT-B-32'                            random init (tests)
+      'ViT-L-14-quickgelu:/w/open_clip_pytorch_model.bin'   a local open_clip file (offline)
+      'ViT-L-14/openai:/w/fare_eps_2.pt'    the tag's weights, then each file on top; a file holds
+                                            a full open_clip state dict or only the image tower's
+                                            (FARE/TeCoA releases, ViT.open_clip_state_dict())
+    OpenAI's weights need QuickGELU: a tag says so itself, a bare file needs a '-quickgelu' name."""
+    if not isinstance(spec, str) or not spec or os.path.exists(spec):
+        return None
+    head, *files = spec.split(':')
+    name, _, tag = head.partition('/')
+    if _open_clip().get_model_config(name) is None:
+        return None
+    return name, tag or None, files
+
+
+def is_open_clip_spec(spec):
+    return parse_open_clip_spec(spec) is not None
+
+
+def open_clip_text_source(spec):
+    """(name, pretrained) of the spec's text tower for load_text_tower: the tag, else the first file."""
+    name, tag, files = _parse_or_exit(spec)
+    return name, tag or (files[0] if files else None)
+
+
+def _parse_or_exit(spec):
+    parsed = parse_open_clip_spec(spec)
+    if parsed is None:
+        raise SystemExit(f"'{spec}' is not an open_clip model spec 'name[/tag][:file]' (e.g. ViT-B-32/openai, "
+                         f"ViT-L-14/openai, ViT-L-14-quickgelu:/path/open_clip_pytorch_model.bin; names: "
+                         f"open_clip.list_models())")
+    return parsed
+
+
+def _local_hint(oc, name, tag, problem):
+    # _resolve_weights words its alternative for the text tower; here it is the spec's ':file' form
+    qg = name + '-quickgelu' if _tag_quick_gelu(oc, name, tag) and oc.get_model_config(name + '-quickgelu') else name
+    return (problem.replace("pass pretrained=/path/to/open_clip_pytorch_model.bin",
+                            f"pass '{qg}:/path/to/open_clip_pytorch_model.bin'")
+            .replace("text tower weights file", "open_clip weights file"))
+
+
+def _load_open_clip_file(oc, clip, path, name):
+    """Load a full open_clip state dict, or an image tower's alone, into clip (strict)."""
+    from open_clip.factory import load_state_dict
+    try:
+        sd = load_state_dict(path)  # safetensors, 'state_dict' wrappers, 'module.' prefixes, OpenAI's JIT files
+        if 'conv1.weight' in sd:
+            clip.visual.load_state_dict(sd)
+        else:
+            oc.load_checkpoint(clip, path)
+    except Exception as e:
+        raise SystemExit(f"{path} does not fit open_clip '{name}': {type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0][:300]}")
+
+
+def load_open_clip(spec, text=False, img_size=None, seed=0, device='cpu', cache_dir=None):
+    """(image tower as our ViT, frozen TextTower or None) of an open_clip model spec (see
+    parse_open_clip_spec). The ViT has CLIP's mean/std inside and the projection as its head
+    (model.from_open_clip). text=True also returns the same model's text side (for zero-shot
+    classifiers). Offline or missing weights: one-line SystemExit naming the download and the
+    local-file form."""
+    import model as model_lib
+    oc = _open_clip()
+    name, tag, files = _parse_or_exit(spec)
+    model_cfg = oc.get_model_config(name)
+    problems = []
+    path = None
+    if tag:
+        path, problem = _resolve_weights(oc, name, tag, cache_dir)
+        if problem:
+            problems.append(_local_hint(oc, name, tag, problem))
+    problems += [f"open_clip weights file not found: {f}" for f in files if not os.path.isfile(os.path.expanduser(f))]
+    tokenizer = None
+    if text:
+        tokenizer, tok_problem = _tokenizer(oc, name, model_cfg['text_cfg'], None, _offline_env() or bool(problems))
+        problems += [tok_problem] if tok_problem else []
+    if problems:
+        raise SystemExit('; '.join(problems))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        logging.disable(logging.WARNING)  # 'initialized randomly': the weights are loaded below
+        try:
+            clip = oc.create_model(name, pretrained=None, device='cpu', force_quick_gelu=_tag_quick_gelu(oc, name, tag),
+                                   pretrained_text=False, pretrained_image=False)
+        finally:
+            logging.disable(logging.NOTSET)
+    for f in ([path] if path else []) + [os.path.expanduser(f) for f in files]:
+        _load_open_clip_file(oc, clip, f, name)
+    try:
+        vit = model_lib.from_open_clip(clip, img_size=img_size)
+    except ValueError as e:
+        raise SystemExit(f"open_clip '{name}': {e}")
+    tower = None
+    if text:
+        del clip.visual  # encode_text never touches it
+        tower = TextTower(clip.to(device), tokenizer, name, tag or (files[0] if files else None), model_cfg['embed_dim'])
+    return vit.to(device), tower
+
+
+def load_open_clip_image_tower(spec, img_size=None, seed=0, device='cpu', cache_dir=None):
+    """Our ViT holding an open_clip model's image tower, e.g. init_from='ViT-L-14/openai'."""
+    return load_open_clip(spec, img_size=img_size, seed=seed, device=device, cache_dir=cache_dir)[0]
+
+
+def open_clip_tower_config(spec, img_size=None):
+    """The ViTConfig load_open_clip_image_tower(spec) returns, from open_clip's model config alone
+    (no weights read): for dry runs and compute estimates."""
+    import model as model_lib
+    oc = _open_clip()
+    name, tag, _ = _parse_or_exit(spec)
+    cfg = oc.get_model_config(name)
+    v = cfg['vision_cfg']
+    unsupported = [k for k in ('timm_model_name', 'attentional_pool', 'ls_init_value', 'block_type')
+                   if v.get(k)] + [k for k in ('pool_type',) if v.get(k, 'tok') != 'tok']
+    if unsupported or isinstance(v['layers'], (list, tuple)) or isinstance(v.get('image_size', 224), (list, tuple)):
+        raise SystemExit(f"open_clip '{name}': unsupported image tower ({', '.join(unsupported) or 'not a plain ViT'})")
+    quick = bool(cfg.get('quick_gelu')) or _tag_quick_gelu(oc, name, tag)
+    return model_lib.clip_vit_config(img_size or v['image_size'], v['patch_size'], v['width'], v['layers'],
+                                     cfg['embed_dim'], v.get('mlp_ratio', 4.0), v['width'] // v.get('head_width', 64),
+                                     'quick_gelu' if quick else 'gelu', not v.get('no_ln_pre', False))
+
+
+# -------------------------------------------------------------------- TeCoA and FARE losses
+# Each is both the training loss and the attack's: attack.pgd(model, x, target, loss_fn, ...) calls
+# loss_fn(model(x_adv), target), and the update uses loss_fn(model(x_adv), target) again (as for AdvXL).
+def tecoa_loss(image_emb, targets, text_weights, logit_scale=100.0):
+    """TeCoA (Mao et al., ICLR 2023): cross-entropy of the zero-shot logits
+    logit_scale * cos(image embedding, class-prompt embedding). text_weights: (C, E) class
+    prompts' embeddings (zeroshot_weights). targets: labels (B,) or soft targets (B, C).
+    logit_scale 100: the official code uses CLIP's own logit_scale, clamped at ln(100) (its
+    finetuning.py), which OpenAI's weights hold at exactly 100; FARE's TeCoA runs fix 100
+    (RobustVLM train/adversarial_training_clip.py, ComputeLossWrapper logit_scale=100.)."""
+    with torch.autocast(image_emb.device.type, enabled=False):  # logits in fp32
+        img = F.normalize(image_emb.float(), dim=-1)
+        txt = F.normalize(text_weights.float(), dim=-1)
+        return F.cross_entropy(logit_scale * img @ txt.T, targets)
+
+
+def tecoa_loss_fn(text_weights, logit_scale=100.0):
+    """loss_fn(image_emb, targets) for training and for attack.pgd, with the class weights fixed."""
+    return lambda out, targets: tecoa_loss(out, targets, text_weights, logit_scale)
+
+
+class FareLoss(nn.Module):
+    """FARE (Schlarmann et al., ICML 2024): ||phi(x_adv) - phi_orig(x)||_2^2 against a frozen copy
+    phi_orig of the starting image tower, on unnormalised embeddings, summed over the embedding
+    and averaged over the batch (RobustVLM train/adversarial_training_clip.py: l2() and
+    --output_normalize False), for both the attack and the update.
+
+        fare = FareLoss(tower)                      # copy the tower *before* training changes it
+        target = fare.targets(x)                    # phi_orig(x_clean), once per batch, no grad
+        x_adv = pgd(model, x, target, fare, eps, step, 10)
+        loss = fare(model(x_adv), target)
+
+    The copy is frozen (no grad, always eval) and lives here, not in the model, so the
+    optimizer never sees it; bf16 on CUDA (it only produces targets), fp32 elsewhere."""
+
+    def __init__(self, tower, device=None, dtype=None):
+        super().__init__()
+        tower = getattr(tower, '_orig_mod', tower)  # a torch.compile'd model: copy the module itself
+        device = torch.device(device or next(tower.parameters()).device)
+        self.dtype = dtype or (torch.bfloat16 if device.type == 'cuda' else torch.float32)
+        orig = copy.deepcopy(tower).requires_grad_(False)
+        self.orig = orig.to(device=device, dtype=self.dtype).eval()
+
+    def train(self, mode=True):
+        return super().train(False)  # frozen: always eval (no drop path)
+
+    @torch.no_grad()
+    def targets(self, x):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
+            return self.orig(x).float()
+
+    def forward(self, image_emb, targets):
+        with torch.autocast(image_emb.device.type, enabled=False):
+            return (image_emb.float() - targets.float()).pow(2).sum(-1).mean()

@@ -752,14 +752,16 @@ def _all_sum(t, device):
 
 
 def evaluate(model, x, y, norm='Linf', eps=4 / 255, version='standard', attacks=None, batch_size=250,
-             seed=0, state_path=None, log=print, overrides=None, device=None):
+             seed=0, state_path=None, log=print, overrides=None, device=None, gather_adv=True):
     """AutoAttack of `model` (eval mode, [0,1] inputs, returns logits) on images x, labels y.
     Points are processed in batches of batch_size (per attack, the points still robust, in
     order, as the official code does); under torch.distributed, batch i runs on rank
     i % world, so any number of ranks gives the same result. With state_path, progress is
     saved after every batch of every attack and a rerun resumes where it stopped.
     Returns clean_acc, robust_acc, per_attack {attack: cumulative robust acc} (percent),
-    the exact counts, and x_adv (x where no attack succeeded)."""
+    the exact counts, and x_adv (x where no attack succeeded). gather_adv=False: under
+    torch.distributed, x_adv holds only this rank's adversarial images (no all-gather of
+    every image over the network when nobody looks at them)."""
     cfg = attack_config(version, norm, attacks, overrides)
     rank, world = _rank_world()
     log = log if rank == 0 else (lambda *a, **k: None)
@@ -861,7 +863,7 @@ def evaluate(model, x, y, norm='Linf', eps=4 / 255, version='standard', attacks=
         # official check_square_sr: a black-box attack beating the gradient attacks
         warn("Square lowered the robust accuracy beyond the gradient attacks (gradient masking?): "
              "consider more Square queries/restarts or an adaptive attack")
-    if world > 1:
+    if world > 1 and gather_adv:
         gathered = [None] * world
         dist.all_gather_object(gathered, found)
         found = [f for g in gathered for f in g]
@@ -879,18 +881,25 @@ def evaluate(model, x, y, norm='Linf', eps=4 / 255, version='standard', attacks=
 
 
 # ----------------------------------------------------------------------------- model, data
-def load_model(path, arch=None):
+def load_model(path, arch=None, classnames=None):
     """An eval-mode, frozen model taking [0,1] images: this project's checkpoint (a file or a
     run's out_dir) or a timm / official AdvXL state dict (arch names the preset when the file
-    does not say). A tower trained on web data becomes its zero-shot classifier, with the
-    text tower, class names and prompts that run used."""
+    does not say). A tower trained on web data, or with TeCoA / FARE, becomes its zero-shot
+    classifier, with the text tower, class names and prompts that run used. An open_clip
+    model spec ('ViT-B-32/openai', 'ViT-L-14-quickgelu:/path/weights.bin', see
+    clip_head.parse_open_clip_spec) becomes its own zero-shot classifier with CLIP's 80
+    templates over `classnames` (default: ImageNet's), CLIP's mean/std inside."""
     import model as model_lib
-    if os.path.isdir(path):
-        path = os.path.join(path, 'ckpt.pt')
+    from checkpoint import read_checkpoint
+    import clip_head
+    if clip_head.is_open_clip_spec(path):
+        vit, tower = clip_head.load_open_clip(path, text=True)
+        m = clip_head.ZeroShotClassifier(vit, clip_head.zeroshot_weights(tower, classnames))
+        m.config = vit.config
+        return m.eval().requires_grad_(False)
     m = model_lib.model_from_file(path, arch)
-    cfg = torch.load(path, map_location='cpu', weights_only=True, mmap=True).get('config') or {}
-    if cfg.get('data') == 'webdataset':
-        import clip_head
+    cfg = read_checkpoint(path).get('config') or {}
+    if cfg.get('data') == 'webdataset' or cfg.get('loss') in ('tecoa', 'fare'):
         import data
         tower = clip_head.load_text_tower(cfg['text_tower'], cfg['text_pretrained'] or None, seed=cfg['seed'])
         classes = clip_head.imagenet_classnames() if cfg['num_classes'] == 1000 else data.class_names(cfg['val_data'])
@@ -1001,7 +1010,8 @@ def save_examples(model, x, x_adv, y, path, k=8, class_names=None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument('--ckpt', required=True, help="this project's checkpoint or a timm/AdvXL state dict")
+    ap.add_argument('--ckpt', required=True, help="this project's checkpoint or a timm/AdvXL state dict, or an "
+                    "open_clip model 'name[/tag][:file]' (e.g. ViT-B-32/openai): its zero-shot classifier")
     ap.add_argument('--arch', default=None, help='preset name when the file does not say (e.g. vit_huge_patch14)')
     ap.add_argument('--norm', default='Linf', choices=['Linf', 'L2', 'L1'])
     ap.add_argument('--eps', default=None, help='e.g. 4/255 (default: Linf 4/255, L2 2.0, L1 75)')
@@ -1018,10 +1028,15 @@ def main(argv=None):
     ap.add_argument('--compile', action='store_true', help='torch.compile the model (non-standard)')
     ap.add_argument('--bf16', action='store_true', help='bf16 autocast forward (non-standard)')
     ap.add_argument('--img_size', type=int, default=None, help="input resolution (default: the model's)")
+    ap.add_argument('--preprocess', default='advxl', choices=['advxl', 'robustbench'],
+                    help="ImageNet preprocessing: 'advxl' (default, the official AdvXL evaluation code): resize "
+                         "int(img_size/0.9) bicubic, center crop; 'robustbench': Resize(256) + CenterCrop(224) "
+                         "(bilinear, crop_pct 0.875 at other sizes)")
     ap.add_argument('--crop_pct', type=float, default=None,
-                    help='ImageNet resize = img_size/crop_pct then center crop (default 0.875; 0.9 at 336 px, '
-                         'the official AdvXL preprocessing, bicubic)')
+                    help='ImageNet resize = img_size/crop_pct then center crop (overrides --preprocess\'s 0.9 / 0.875)')
     ap.add_argument('--device', default=None, help='default: cuda if available')
+    ap.add_argument('--out_dir', default=None, help="folder for the results JSON (default: the checkpoint's; "
+                    "out/eval_<spec> for an open_clip model)")
     args = ap.parse_args(argv)
     if args.attacks:
         args.version = 'custom'
@@ -1038,14 +1053,21 @@ def main(argv=None):
 
     eps = parse_eps(args.eps) if args.eps is not None else DEFAULT_EPS[args.norm]
     eps_tag = (args.eps or {'Linf': '4/255', 'L2': '2.0', 'L1': '75'}[args.norm]).replace('/', '-')
-    model = load_model(args.ckpt, args.arch).to(device)
+    import clip_head
+    import data
+    open_clip_spec = clip_head.is_open_clip_spec(args.ckpt)
+    demo_classes = data.class_names(os.path.join(data.DEMO_ROOT, 'val')) if open_clip_spec and args.data is None else None
+    model = load_model(args.ckpt, args.arch, classnames=demo_classes).to(device)
     img_size = args.img_size or getattr(getattr(model, 'config', None), 'img_size', 224)
     if args.data is None:
         x, y, data_desc = load_demo_val(img_size, args.n_ex)
     else:
-        crop_pct = args.crop_pct or (0.9 if img_size == 336 else 0.875)
+        official = args.preprocess == 'advxl'
+        # an open_clip model's own preprocessing: resize the short side to img_size (bicubic), center crop
+        crop_pct = args.crop_pct or (1.0 if open_clip_spec and official else 0.9 if official else 0.875)
         x, y, data_desc = load_imagenet_val(args.data, img_size, args.n_ex, crop_pct,
-                                            'bicubic' if img_size == 336 else 'bilinear')
+                                            'bicubic' if official else 'bilinear')
+        data_desc += f", --preprocess {args.preprocess}"
     say(f"model {args.ckpt} ({getattr(model, 'config', '')}), data: {data_desc}, device {device}, {world} rank(s)")
     nonstandard = []
     if args.compile:
@@ -1058,6 +1080,10 @@ def main(argv=None):
         say(f"NON-STANDARD run ({', '.join(nonstandard)}): not the official AutoAttack setting; "
             "report these numbers as such")
     out_dir = args.ckpt if os.path.isdir(args.ckpt) else (os.path.dirname(args.ckpt) or '.')
+    if open_clip_spec:  # results of an open_clip model go to out/eval_<spec>/
+        out_dir = os.path.join('out', 'eval_' + ''.join(c if c.isalnum() or c in '-.' else '_' for c in args.ckpt))
+    out_dir = args.out_dir or out_dir
+    os.makedirs(out_dir, exist_ok=True)
     info = dict(ckpt=args.ckpt, arch=args.arch, data=data_desc, img_size=img_size, norm=args.norm, eps=eps,
                 eps_str=args.eps, seed=args.seed, nonstandard=nonstandard, torch=torch.__version__,
                 device=torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu', world=world)
@@ -1088,7 +1114,8 @@ def main(argv=None):
     else:
         attacks = args.attacks.split(',') if args.attacks else None
         r = evaluate(model, x, y, norm=args.norm, eps=eps, version=args.version, attacks=attacks,
-                     batch_size=args.bs, seed=args.seed, state_path=args.state_path, log=say, device=device)
+                     batch_size=args.bs, seed=args.seed, state_path=args.state_path, log=say, device=device,
+                     gather_adv=bool(args.save_examples))
         res = dict(info, **{k: v for k, v in r.items() if k not in ('x_adv', 'robust')})
         say(f"\n{'attack':<10} {'robust acc':>10}\n{'clean':<10} {r['clean_acc']:>9.2f}%")
         for a, acc in r['per_attack'].items():
