@@ -11,7 +11,7 @@ Rows:
   train      adversarial training step, images/s: ours (eager, compiled) vs the peer a user
              would otherwise assemble (timm's ViT of the same shape + torchattacks' PGD, eager)
   fast_path  what each optimisation of our step buys (A/B in one process)
-  loader     the data loaders alone, images/s per worker (so the GPU never waits on them)
+  loader     the data loaders alone, images/s per worker = per core (so the GPU never waits on them)
   two_stage  the paper's claim at toy scale: the two-stage demo vs one full-resolution PGD-3
              stage over the same samples (train.py end to end): time ratio, accuracy of both
   autoattack eval_autoattack.py vs the official code (pyautoattack 0.2.0), same model/points
@@ -31,12 +31,15 @@ import sys
 import tempfile
 import time
 
+from dataclasses import asdict
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import data as datalib
 import eval_autoattack as ea
+import memplan
 from attack import pgd
 from model import IMAGENET_MEAN, IMAGENET_STD, PRESETS, create_model
 
@@ -194,38 +197,118 @@ def bench_fast_path(quick, device, rows=None):
 
 
 # ----------------------------------------------------------------------------- 2. loaders
+MAE_AA = 'rand-m9-mstd0.5-inc1'  # the MAE recipe's RandAugment, as the ImageNet configs set it
+
+
+def photo_tree(root, n, seed=0):
+    """n JPEGs in 4 class folders, cut from the real photographs scikit-image's data module and
+    scikit-learn ship (varied crops, re-encoded at ImageNet's typical 500x375 or 375x500,
+    quality 90): what a loader decodes in practice, not synthetic noise."""
+    import numpy as np
+    import skimage.data as sk
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+    photos = [getattr(sk, name)() for name in ('astronaut', 'chelsea', 'coffee', 'rocket', 'hubble_deep_field',
+                                               'retina', 'immunohistochemistry', 'camera', 'grass', 'gravel')]
+    photos += [sk.stereo_motorcycle()[0]] + list(load_sample_images().images)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        im = Image.fromarray(photos[i % len(photos)]).convert('RGB')
+        out = (500, 375) if rng.random() < 0.7 else (375, 500)  # ImageNet: mostly landscape
+        frac = rng.uniform(0.5, 1.0)  # a varied crop of the photo at the output's aspect ratio
+        w = min(im.width, im.height * out[0] / out[1]) * frac ** 0.5
+        h = w * out[1] / out[0]
+        x0, y0 = rng.uniform(0, im.width - w), rng.uniform(0, im.height - h)
+        os.makedirs(os.path.join(root, f'c{i % 4}'), exist_ok=True)
+        im.resize(out, Image.BICUBIC, box=(x0, y0, x0 + w, y0 + h)).save(
+            os.path.join(root, f'c{i % 4}', f'{i:05d}.jpg'), quality=90)
+    return root
+
+
+def _folder_loader(root, transform, batch_size, from_file=False):
+    """A one-worker ImageFolder loader as data.image_folder_loader builds it, any transform."""
+    from torch.utils.data import DataLoader
+    ds = datalib.ImageFolderSafe(root, transform, from_file=from_file)
+    return DataLoader(ds, sampler=datalib.SampleStream(len(ds), batch_size), batch_size=batch_size,
+                      collate_fn=datalib.collate_skip_bad, num_workers=1, persistent_workers=True, prefetch_factor=4)
+
+
 def bench_loader(quick):
-    """The demo loader (PNG 32 px) and an ImageNet-like one (JPEG ~500x375 -> RandomResizedCrop
-    224), one worker each: images/s per worker. Workers needed per GPU = step rate / this."""
+    """Images per second of one loader worker's CPU time (per core; also per second of wall
+    time, which other processes on the machine lower) on real photographs, MAE augmentation:
+    today's pipeline before issue 14 (full decode, torchvision RandomResizedCrop + RandAugment
+    2/9, float32), the same full decode with the MAE recipe's timm augmentation (float32), and
+    the new one (decode only what the crop needs, timm augmentation, uint8) from the ImageFolder
+    tree and from pre-resized labelled shards (make_shards.py, max side 256). Workers needed
+    per GPU = the stage's training img/s per GPU / these rates."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision import transforms as T
+    import make_shards
     out = {}
     root = datalib.ensure_demo()
-    n = 2048 if quick else 8192
-    tf = datalib.train_transform(16, (1.0, 1.0), True, 0, 9)
-    loader = datalib.image_folder_loader(os.path.join(root, 'train'), tf, 64, num_workers=1)
-    out['demo_16px_img_s_per_worker'] = _loader_rate(loader, n)
+    tf = datalib.train_transform(16, (1.0, 1.0), True)
+    out['demo_16px_img_s_per_worker'], out['demo_16px_img_s_per_core'] = _loader_rate(
+        datalib.image_folder_loader(os.path.join(root, 'train'), tf, 64, num_workers=1), 2048 if quick else 8192)
+    n = 256 if quick else 1024
     with tempfile.TemporaryDirectory() as tmp:
-        from PIL import Image
-        g = torch.Generator().manual_seed(0)
-        for c in range(4):
-            os.makedirs(os.path.join(tmp, f'c{c}'))
-            for i in range(32):
-                arr = (torch.rand(375, 500, 3, generator=g) * 255).byte().numpy()
-                Image.fromarray(arr).save(os.path.join(tmp, f'c{c}', f'{i}.jpg'), quality=90)
+        tree = photo_tree(os.path.join(tmp, 'tree'), 128 if quick else 512)
+        manifest = make_shards.main([tree, os.path.join(tmp, 'shards'), '--max_side', '256', '--shard_size', '32',
+                                     '--workers', '1'])
         for size in (112, 224):
-            tf = datalib.train_transform(size, (0.08, 1.0), True, 2, 9)
-            loader = datalib.image_folder_loader(tmp, tf, 32, num_workers=1)
-            out[f'imagenet_like_{size}px_img_s_per_worker'] = _loader_rate(loader, 256 if quick else 1024)
-    print('  loaders: ' + ', '.join(f'{k} {v:.0f}' for k, v in out.items()), flush=True)
+            pipelines = {
+                'today_torchvision': _folder_loader(tree, T.Compose([
+                    T.RandomResizedCrop(size, (0.08, 1.0), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+                    T.RandomHorizontalFlip(), T.RandAugment(2, 9), T.ToTensor()]), 32),
+                'full_decode_mae_float32': _folder_loader(tree, T.Compose([
+                    RandomResizedCropAndInterpolation(size, (0.08, 1.0), interpolation='bilinear'),
+                    T.RandomHorizontalFlip(), datalib._rand_augment(MAE_AA, size, 'bilinear'), T.ToTensor()]), 32),
+                'new_folder': datalib.image_folder_loader(tree, datalib.train_transform(size, auto_augment=MAE_AA), 32,
+                                                          num_workers=1),
+                'new_shards': datalib.web_loader(manifest['pattern'], size, 32, num_workers=1, shuffle_buffer=256,
+                                                 labelled=True, uint8=True, scale=(0.08, 1.0), auto_augment=MAE_AA),
+            }
+            for name, loader in pipelines.items():
+                out[f'{name}_{size}px_img_s_per_worker'], out[f'{name}_{size}px_img_s_per_core'] = _loader_rate(loader, n)
+            out[f'speedup_{size}'] = out[f'new_folder_{size}px_img_s_per_core'] / out[f'full_decode_mae_float32_{size}px_img_s_per_core']
+            out[f'speedup_vs_today_{size}'] = out[f'new_folder_{size}px_img_s_per_core'] / out[f'today_torchvision_{size}px_img_s_per_core']
+    print('  loaders: ' + ', '.join(f'{k} {v:.2f}' for k, v in out.items()), flush=True)
     return out
 
 
+def _children():
+    me, out = str(os.getpid()), []
+    for pid in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            if open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[1] == me:
+                out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def _cpu_seconds(pids):
+    """User + system CPU seconds the processes have used (Linux /proc; 0 elsewhere)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            f = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()
+            total += (int(f[11]) + int(f[12])) / os.sysconf('SC_CLK_TCK')
+        except (OSError, ValueError):
+            pass
+    return total
+
+
 def _loader_rate(loader, n):
+    """(images/s of wall time, images per CPU-second of the worker): with one worker the second
+    is the per-core rate even when other processes share the cores."""
     it = iter(loader)
     next(it)  # worker start-up
-    t0, seen = time.perf_counter(), 0
+    workers = _children()
+    t0, c0, seen = time.perf_counter(), _cpu_seconds(workers), 0
     while seen < n:
         seen += len(next(it)[0])
-    return seen / (time.perf_counter() - t0)
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds(workers) - c0
+    return seen / wall, (seen / cpu if cpu > 0 else float('nan'))
 
 
 # ----------------------------------------------------------------------------- 3. two stages vs one
@@ -371,8 +454,11 @@ def bench_cuda(quick, device, peak_flops, rows=None):
         flops = 2 * fwd * (3 + 2 * steps) * batch / t
         r = dict(model=name, img_size=size, pgd_steps=steps, batch=batch, img_s=batch / t, model_flops=flops,
                  mfu_vs_peak=flops / peak_flops, mfu_vs_matmul=flops / matmul)
+        # the dry run's memory plan for this step (one GPU, no EMA) beside what CUDA measured
+        r['plan_peak_gib'] = memplan.memory_plan(asdict(model.config), batch, size, steps, dtype='bfloat16')['peak'] / 2 ** 30
         if device.type == 'cuda':
-            r['peak_mem_gib_per_img'] = torch.cuda.max_memory_allocated() / batch / 2 ** 30
+            r['measured_peak_gib'] = torch.cuda.max_memory_allocated() / 2 ** 30
+            r['peak_mem_gib_per_img'] = r['measured_peak_gib'] / batch
             del step, model
             torch.cuda.empty_cache()
             r['largest_batch'] = largest_batch(name, size, steps, device, dtype)
@@ -428,6 +514,8 @@ def main():
         res['fast_path'] = bench_fast_path(args.quick, cpu)
     if 'loader' in rows:
         res['loader'] = bench_loader(args.quick)
+        res['loader_speedup_112'] = res['loader']['speedup_112']  # new ImageFolder pipeline / full decode, same aug
+        res['loader_img_s_per_core_112_shards'] = res['loader']['new_shards_112px_img_s_per_core']
     if 'two_stage' in rows:
         res['two_stage'] = bench_two_stage(args.quick)
         res['two_stage_time_ratio'] = res['two_stage']['two_stage_time_ratio']
@@ -465,9 +553,15 @@ def print_tables(res):
                   f"{r[f'freeze_speedup_{mode}']:.2f} |")
         print(f"\nactivation checkpointing (eager): speed with / without x{r['grad_ckpt_speed_ratio']:.2f}")
     if 'loader' in res:
-        print("\n| loader (1 worker) | img/s |\n|---|---|")
-        for k, v in res['loader'].items():
-            print(f"| {k.replace('_img_s_per_worker', '')} | {v:.0f} |")
+        L = res['loader']
+        print(f"\n| loader, 1 worker: img per CPU-s (per s of wall time) | 112 px | 224 px |\n|---|---|---|\n"
+              f"| demo 32 px PNG -> 16 px | {L['demo_16px_img_s_per_core']:.0f} ({L['demo_16px_img_s_per_worker']:.0f}) | |")
+        for name in ('today_torchvision', 'full_decode_mae_float32', 'new_folder', 'new_shards'):
+            print(f"| {name} | " + ' | '.join(f"{L[f'{name}_{s}px_img_s_per_core']:.0f} ({L[f'{name}_{s}px_img_s_per_worker']:.0f})"
+                                             for s in (112, 224)) + " |")
+        print(f"\nloader_speedup_112 = {L['speedup_112']:.2f} (224 px: {L['speedup_224']:.2f}; vs today's torchvision "
+              f"pipeline {L['speedup_vs_today_112']:.2f} / {L['speedup_vs_today_224']:.2f}), "
+              f"loader_img_s_per_core_112_shards = {L['new_shards_112px_img_s_per_core']:.0f}")
     if 'two_stage' in res:
         t = res['two_stage']
         print(f"\n| demo, {t['budget_fraction']:g} of the budget | training s | clean | PGD-20 |\n|---|---|---|---|")
@@ -489,11 +583,13 @@ def print_tables(res):
     if 'cuda' in res:
         c = res['cuda']
         print(f"\n| {i['gpu']}, bf16 + compile | batch | img/s | TFLOP/s | MFU (peak) | MFU (matmul) | GiB/img | "
-              f"largest batch |\n|---|---|---|---|---|---|---|---|")
+              f"peak GiB: planned / measured | largest batch |\n|---|---|---|---|---|---|---|---|---|")
         for r in c['rows']:
             print(f"| {r['model']} {r['img_size']}px PGD-{r['pgd_steps']} | {r['batch']} | {r['img_s']:.0f} | "
                   f"{r['model_flops'] / 1e12:.0f} | {100 * r['mfu_vs_peak']:.1f}% | {100 * r['mfu_vs_matmul']:.1f}% | "
-                  f"{r.get('peak_mem_gib_per_img', float('nan')):.3f} | {r.get('largest_batch', '-')} |")
+                  f"{r.get('peak_mem_gib_per_img', float('nan')):.3f} | "
+                  f"{r['plan_peak_gib']:.1f} / {r.get('measured_peak_gib', float('nan')):.1f} | "
+                  f"{r.get('largest_batch', '-')} |")
         g = c['grad_ckpt']
         print(f"\nactivation checkpointing on {g['model']} at {g['img_size']}px: speed x{g['speed_ratio']:.2f}, "
               f"memory x{g['memory_ratio']:.2f}")

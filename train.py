@@ -18,6 +18,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -26,9 +27,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data as datalib
 from attack import evaluate_pgd, pgd
-from clip_head import (ContrastiveLoss, ZeroShotClassifier, attack_loss_fn, head_from_zeroshot, imagenet_classnames,
-                       load_text_tower, zeroshot_weights)
-from model import build_model, clean_state_dict, config_from_timm_state_dict, create_model, is_convnext
+from clip_head import (ContrastiveLoss, FareLoss, ZeroShotClassifier, attack_loss_fn, head_from_zeroshot,
+                       imagenet_classnames, is_open_clip_spec, load_open_clip_image_tower, load_text_tower,
+                       open_clip_text_source, open_clip_tower_config, tecoa_loss_fn, zeroshot_weights)
+from checkpoint import checkpoint_files, read_checkpoint, remove_temp_files, save_checkpoint as write_checkpoint
+from model import PRESETS, build_model, clean_state_dict, config_from_timm_state_dict, create_model, is_convnext
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -39,27 +42,35 @@ eval_every = 16000         # samples between evaluations on the fixed val subset
 eval_samples = 256         # size of that fixed subset
 final_eval_samples = 200   # images for the final table; 0 = the whole val set
 ckpt_every = 0             # samples between checkpoints; 0 = only at the end (and on SIGTERM)
+keep_ckpts = 2             # checkpoints kept in out_dir (ckpt-<samples>.pt): a damaged newest one is not the only one
+overwrite = False          # True: start this stage afresh in an out_dir that holds another stage's checkpoints
 wandb_log = False
 wandb_project = 'nanoadvxl'
 # data
-data = 'demo'              # 'demo' | 'imagefolder' | 'webdataset'
-train_data = ''            # ImageFolder train root, or a shard pattern for webdataset
+data = 'demo'              # 'demo' | 'imagefolder' | 'shards' (labelled .jpg + .cls, make_shards.py) | 'webdataset'
+train_data = ''            # ImageFolder train root, or a shard pattern for shards / webdataset
 val_data = ''              # ImageFolder val root (labelled)
 num_workers = 1            # DataLoader workers per rank (the demo decodes ~1000 img/s on one)
 crop_scale = (1.0, 1.0)    # RandomResizedCrop scale range; (1, 1) = resize the whole image
 hflip = True
-randaug_n = 0              # RandAugment ops (0 = off)
-randaug_m = 9              # RandAugment magnitude
+auto_augment = ''          # timm RandAugment string, e.g. MAE's 'rand-m9-mstd0.5-inc1'; '' = off
+train_interpolation = 'bilinear'  # the crop's resize (paper Sec. 3.1: anti-aliased bilinear)
+reprob = 0.0               # random erasing probability (timm, 'pixel' mode), on the device
 mixup = 0.0                # MixUp alpha (0 = off)
 cutmix = 0.0               # CutMix alpha (0 = off)
 label_smoothing = 0.1
 val_crop_pct = 1.0         # val: resize to img_size/val_crop_pct, then center crop
+val_interpolation = 'bilinear'  # the ImageNet configs use 'bicubic', as the official evaluation
 max_bad_frac = 0.01        # abort when more than this fraction of images is unreadable
 # web-scale image-text data (data='webdataset'): captions embedded by a frozen CLIP text tower
 text_tower = 'ViT-L-14-CLIPA'   # open_clip model name whose text side is used
 text_pretrained = 'datacomp1b'  # open_clip pretrained tag, or a local weights file
 logit_scale_init = 1 / 0.07     # learnable temperature of the contrastive loss (CLIP)
 caption_embeddings = ''         # optional side file of precomputed caption embeddings (clip_head.py)
+# robust fine-tuning of a CLIP image tower on labelled images (README "Robust CLIP"); init_from may
+# then name an open_clip model 'name/tag' (e.g. ViT-L-14/openai) or 'name:/path/weights.bin'
+loss = ''                       # '' = the data's own (labels: cross-entropy, web: contrastive) | 'tecoa' | 'fare'
+tecoa_templates = ('This is a photo of a {}',)  # TeCoA's training prompts; () = the evaluation's (prompt_templates)
 prompt_templates = ()           # zero-shot prompts with '{}' for the class name; () = CLIP's 80
 shuffle_buffer = 1000           # samples per worker in the webdataset shuffle buffer
 # model
@@ -82,6 +93,7 @@ eps_warmup = 16000         # samples over which eps (and the step size) ramp up 
 eval_eps = 0.0             # 0 = same as eps
 eval_pgd_steps = 20
 eval_step_size = 1 / 255
+eval_dtype = 'float32'     # results.json and the final table; bf16 rounds pixels near 0/1 by ~1/255, one eval step
 # optimisation
 samples = 64000            # this stage's budget, in samples seen
 batch_size = 64            # global batch per optimizer step (all ranks, all micro-steps)
@@ -90,8 +102,10 @@ lr = 1.5e-3
 min_lr = 1e-5
 warmup_samples = 3000
 weight_decay = 0.05
+optimizer = 'adamw'        # 'adamw' | 'sgd' (TeCoA)
 beta1 = 0.9
 beta2 = 0.95
+momentum = 0.9             # sgd only
 grad_clip = 1.0
 ema_decay = 0.0            # 0 = no EMA; otherwise evaluate and hand on the EMA weights
 # system
@@ -101,26 +115,42 @@ compile = False
 cpu_threads = 0            # torch threads per rank on CPU; 0 = cores / ranks - workers (oversubscribed cores crawl)
 seed = 0
 peak_flops = 989e12        # dense bf16 peak of one GPU, for MFU (H100 SXM)
-dry_run = False            # print this stage's plan and compute, touch nothing
+dist_timeout_s = 1800      # collectives wait this long: rank 0 saving a ViT-g checkpoint must fit in it
+dry_run = False            # print this stage's plan, compute and per-GPU memory, touch nothing
+plan_world = 8             # dry run: GPUs the memory plan assumes (micro batch = batch_size / plan_world if unset)
+plan_memory = True         # dry run: measure activations for the memory plan (a few seconds)
+gpu_mem_gib = 80           # dry run: warn when the plan needs more per GPU
 # -----------------------------------------------------------------------------
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator.py')).read())
 config = {k: globals()[k] for k in _config_keys(globals())}  # noqa: F821 (defined by configurator)
 # -----------------------------------------------------------------------------
 
 
-def ckpt_path(path):
-    return os.path.join(path, 'ckpt.pt') if os.path.isdir(path) else path
+# what makes a checkpoint in out_dir this stage's own (resume) rather than another stage's (refuse)
+STAGE_KEYS = ('model', 'data', 'train_data', 'img_size', 'samples', 'num_classes', 'norm', 'eps', 'pgd_steps',
+              'pgd_step_size', 'mask_ratio', 'mask_kind', 'loss')
+EXACT_KEYS = ('batch_size', 'micro_batch_size', 'num_workers', 'shuffle_buffer')  # resumable, no longer bitwise
 
 
-def load_checkpoint(path):
-    path = ckpt_path(path)
-    if not os.path.isfile(path):
-        raise SystemExit(f"init_from: no checkpoint at {path} (give a run's out_dir or a .pt file; "
-                         f"'resume' continues {out_dir})")
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"init_from: cannot read {path} ({type(e).__name__}); is it a torch checkpoint?")
+CLIP_LOSSES = ('tecoa', 'fare')
+if loss not in ('',) + CLIP_LOSSES:
+    raise SystemExit(f"loss='{loss}' is unknown: use '' (the data's own), 'tecoa' or 'fare'")
+if loss in CLIP_LOSSES and data == 'webdataset':
+    raise SystemExit(f"loss='{loss}' fine-tunes on labelled images: use data='imagefolder' (or 'demo')")
+
+
+def check_same_stage(old_cfg):
+    """Refuse another stage's checkpoint in out_dir in one line; warn when a key that only
+    changes exactness (batch layout, workers) differs."""
+    differ = [k for k in STAGE_KEYS if old_cfg.get(k) != config[k]]
+    if differ:
+        what = ', '.join(f"{k} {old_cfg.get(k)!r} -> {config[k]!r}" for k in differ)
+        raise SystemExit(f"{out_dir} holds a checkpoint of another stage ({what}): use another out_dir, or "
+                         f"--overwrite=True to start this stage afresh there")
+    inexact = [f"{k} {old_cfg.get(k)!r} -> {config[k]!r}" for k in EXACT_KEYS if old_cfg.get(k) != config[k]]
+    if inexact:
+        print(f"warning: resuming with {', '.join(inexact)}: the run continues, but no longer bitwise "
+              f"as an uninterrupted one (data order and per-rank randomness change)", file=sys.stderr)
 
 
 def stage_model_config(src_ckpt):
@@ -132,10 +162,19 @@ def stage_model_config(src_ckpt):
         return asdict(create_model_meta(model, **vit_only, **stage).config)
     if 'model_args' in src_ckpt:
         args = dict(src_ckpt['model_args'])
+        shape = lambda a: (tuple(a['depths']), tuple(a['dims'])) if 'dims' in a else \
+            (a['patch_size'], a['embed_dim'], a['depth'])
+        same = [n for n, p in PRESETS.items() if shape(PRESETS[n]) == shape(args)]
+        if same and model not in same:  # this stage's memory, recipe and config file are the model's own
+            raise SystemExit(f"init_from {init_from} holds a {same[0]} but model='{model}': use that model's "
+                             f"config (e.g. config/advxl_ft_in1k_{same[0].split('_')[1]}.py) or --model={same[0]}")
     else:  # a timm / official AdvXL state dict: the preset named by `model` must fit it
         args = asdict(config_from_timm_state_dict(src_ckpt, arch=model))
-    keep_embed = src_ckpt.get('config', {}).get('data') == 'webdataset' and data == 'webdataset'
-    return {**args, **stage, 'embed_out': args.get('embed_out', 0) if keep_embed else 0}
+    src_cfg = src_ckpt.get('config', {})
+    from_clip = src_cfg.get('data') == 'webdataset' or src_cfg.get('loss') in CLIP_LOSSES
+    keep_embed = from_clip and (data == 'webdataset' or loss in CLIP_LOSSES)  # still a CLIP embedding
+    new_label_head = {'head_bias': True} if 'head_bias' in args and not keep_embed else {}  # CLIP projections have none
+    return {**args, **stage, 'embed_out': args.get('embed_out', 0) if keep_embed else 0, **new_label_head}
 
 
 def create_model_meta(name, **kw):
@@ -158,14 +197,30 @@ def stage_compute(cfg):
     return per_sample, per_sample * samples / 1e19
 
 
-# ----------------------------------------------------------------------------- dry run
+# ----------------------------------------------------------------------------- where this stage starts
+# A checkpoint of this stage in out_dir wins over init_from: a requeued or restarted job runs the
+# same command and continues. init_from is only where a new stage starts.
+own_ckpts = [] if overwrite else checkpoint_files(out_dir)
+from_open_clip = init_from not in ('scratch', 'resume') and not os.path.exists(init_from) and is_open_clip_spec(init_from)
+if init_from == 'resume' and not own_ckpts and not dry_run:
+    raise SystemExit(f"init_from='resume': no checkpoint in {out_dir} (a stage started with the same command "
+                     f"resumes by itself; init_from names where a new stage starts)")
+resuming = bool(own_ckpts)
 src = None
-if init_from == 'resume':
-    if not dry_run or os.path.exists(ckpt_path(out_dir)):
-        src = load_checkpoint(out_dir)
-elif init_from != 'scratch' and (not dry_run or os.path.exists(ckpt_path(init_from))):
-    src = load_checkpoint(init_from)
-model_args = dict(src['model_args']) if init_from == 'resume' and src else stage_model_config(src)
+if resuming:
+    src = read_checkpoint(out_dir)
+    check_same_stage(src.get('config', {}))
+    if src['samples_seen'] >= samples and os.path.exists(os.path.join(out_dir, 'results.json')) and not dry_run:
+        print(f"stage {os.path.basename(out_dir)} is complete ({src['samples_seen']} samples); its results are in "
+              f"{os.path.join(out_dir, 'results.json')}")
+        sys.exit(0)
+elif from_open_clip:  # a pretrained open_clip image tower; weights are read below
+    model_args = {**asdict(open_clip_tower_config(init_from, img_size)), 'drop_path_rate': drop_path_rate,
+                  'grad_ckpt': grad_ckpt}
+elif init_from not in ('scratch', 'resume') and (not dry_run or os.path.exists(init_from)):
+    src = read_checkpoint(init_from)
+if resuming or not from_open_clip:
+    model_args = dict(src['model_args']) if resuming else stage_model_config(src)
 try:
     fwd_macs, compute_1e10 = stage_compute(model_args)
 except ValueError as e:  # e.g. mask_ratio on a ConvNeXt: the model says why
@@ -180,12 +235,33 @@ if dry_run:
           f"{fwd_macs / (pgd_steps + 1) / 1e9:.2f} GMACs forward/sample, batch {batch_size}, "
           f"{math.ceil(samples / batch_size)} steps")
     print(f"compute_1e10_gflops={compute_1e10:.6g}")
+    if plan_memory:
+        import memplan
+        micro_plan = micro_batch_size or batch_size // plan_world
+        plan_dtype = dtype if device.startswith('cuda') else 'bfloat16'  # the plan is for the GPU run
+        plan = memplan.memory_plan(model_args, micro_plan, img_size, pgd_steps, mask_ratio, mask_kind, plan_dtype,
+                                   ema=ema_decay > 0, text_tower=text_tower if data == 'webdataset' else None,
+                                   frozen_copy=loss == 'fare')
+        print(f"memory per GPU at {plan_world} GPUs, micro batch {micro_plan} "
+              f"({batch_size // (micro_plan * plan_world)} accumulation), {plan_dtype}, grad_ckpt "
+              f"{model_args.get('grad_ckpt')}: {memplan.format_plan(plan)}")
+        peak = plan['peak'] / memplan.GiB
+        if peak > gpu_mem_gib:
+            print(f"warning: the plan needs {peak:.1f} GiB per GPU, more than gpu_mem_gib={gpu_mem_gib}: lower "
+                  f"micro_batch_size or set grad_ckpt=True")
+        print(f"peak_mem_gib={peak:.2f} world={plan_world}")
     sys.exit(0)
 
 # ----------------------------------------------------------------------------- setup
 ddp = int(os.environ.get('RANK', -1)) != -1
 if ddp:
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    # torchrun's (static) rendezvous keeps one store across --max-restarts rounds: keep each round's keys
+    # apart, or a restarted rank reads its dead peer's old address and never connects
+    store, _, _ = next(dist.rendezvous('env://', timeout=timedelta(seconds=dist_timeout_s)))
+    store = dist.PrefixStore(f"round_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo', store=store,
+                            rank=int(os.environ['RANK']), world_size=int(os.environ['WORLD_SIZE']),
+                            timeout=timedelta(seconds=dist_timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     if device.startswith('cuda'):
         device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
@@ -198,18 +274,35 @@ micro = micro_batch_size or batch_size // world
 grad_accum = batch_size // (micro * world)
 if grad_accum * micro * world != batch_size:
     raise SystemExit(f"batch_size {batch_size} is not a multiple of micro_batch_size {micro} x {world} ranks")
+if resuming and src.get('world', world) != world and master:
+    print(f"warning: resuming with {world} rank(s) where the checkpoint ran {src['world']}: the run continues, but "
+          f"no longer bitwise as an uninterrupted one (data order and per-rank randomness change)", file=sys.stderr)
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 if device_type == 'cpu':
     torch.set_num_threads(cpu_threads or max(1, (os.cpu_count() or 1) // world - num_workers))
 autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
+eval_autocast = autocast if eval_dtype == 'bfloat16' else nullcontext()
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 if master:
     os.makedirs(out_dir, exist_ok=True)
+    remove_temp_files(out_dir)  # half-written checkpoints of a process killed mid-save
+    if overwrite:
+        for f in checkpoint_files(out_dir) + [os.path.join(out_dir, n) for n in ('log.jsonl', 'results.json')]:
+            if os.path.exists(f):
+                os.remove(f)
+    if resuming:  # drop log records past the checkpoint: this run writes them again
+        log_path = os.path.join(out_dir, 'log.jsonl')
+        if os.path.exists(log_path):
+            kept = [l for l in open(log_path) if l.strip() and not json.loads(l).get('final')
+                    and json.loads(l)['samples'] <= src['samples_seen']]
+            with open(log_path + '.tmp', 'w') as f:
+                f.writelines(kept)
+            os.replace(log_path + '.tmp', log_path)
 
 # data: the demo (anything under data_cache/demo) is generated once by rank 0, the others wait
-if data not in ('demo', 'imagefolder', 'webdataset'):
-    raise SystemExit(f"data='{data}' is unknown: use 'demo', 'imagefolder' or 'webdataset'")
+if data not in ('demo', 'imagefolder', 'shards', 'webdataset'):
+    raise SystemExit(f"data='{data}' is unknown: use 'demo', 'imagefolder', 'shards' or 'webdataset'")
 if data == 'demo':
     train_data, val_data = train_data or f'{datalib.DEMO_ROOT}/train', val_data or f'{datalib.DEMO_ROOT}/val'
 if any(p.startswith(datalib.DEMO_ROOT) for p in (train_data, val_data)):
@@ -217,21 +310,40 @@ if any(p.startswith(datalib.DEMO_ROOT) for p in (train_data, val_data)):
         datalib.ensure_demo()
     if ddp:
         dist.barrier()
-web = data == 'webdataset'
-val_tf = datalib.val_transform(img_size, val_crop_pct)
+web, shards = data == 'webdataset', data == 'shards'  # shards: labelled, the web path's resumable stream
+val_tf = datalib.val_transform(img_size, val_crop_pct, val_interpolation)
 
-# the frozen text tower: for web data, and to give a web-trained tower its zero-shot head
+# The frozen text tower: web data's targets, the zero-shot head of a labelled stage after a CLIP
+# stage, and TeCoA's / FARE's zero-shot classifier. It is the one the tower was trained with: this
+# run's own (web, or resumed), the source run's, or the open_clip model's; the checkpoint's config
+# names it, so eval_autoattack rebuilds the same classifier.
+clip_ft = loss in CLIP_LOSSES
 src_cfg = (src or {}).get('config', {})
+tower_cfg = None
+if web or (resuming and clip_ft):
+    tower_cfg = config if web else src_cfg
+elif clip_ft and from_open_clip:
+    name, tag = open_clip_text_source(init_from)
+    tower_cfg = {**config, 'text_tower': name, 'text_pretrained': tag or ''}
+elif src is not None and (src_cfg.get('data') == 'webdataset' or src_cfg.get('loss') in CLIP_LOSSES):
+    tower_cfg = src_cfg
+elif clip_ft:
+    raise SystemExit(f"loss='{loss}' starts from a CLIP tower: init_from must name an open_clip model "
+                     f"(e.g. ViT-B-32/openai) or a run trained on web data or with TeCoA/FARE")
 tower = None
-if web or (src is not None and src_cfg.get('data') == 'webdataset'):
-    tower_cfg = config if web else src_cfg  # a labelled stage rebuilds the web run's own tower and prompts
-    tower = load_text_tower(tower_cfg['text_tower'], tower_cfg['text_pretrained'] or None, device,
-                            precision='bf16' if dtype == 'bfloat16' else 'fp32', seed=tower_cfg['seed'])
+if tower_cfg is not None:
+    for k in ('text_tower', 'text_pretrained', 'prompt_templates'):
+        config[k] = tower_cfg[k]
+    config['text_seed'] = tower_cfg.get('text_seed', tower_cfg['seed'])  # a random tower's init (demo, tests)
+    tower = load_text_tower(config['text_tower'], config['text_pretrained'] or None, device,
+                            precision='bf16' if dtype == 'bfloat16' else 'fp32', seed=config['text_seed'])
     classnames = imagenet_classnames() if num_classes == 1000 else datalib.class_names(val_data)
-    zs_weights = zeroshot_weights(tower, classnames, list(tower_cfg['prompt_templates']) or None).to(device)
+    zs_weights = zeroshot_weights(tower, classnames, list(config['prompt_templates']) or None).to(device)
+    if loss == 'tecoa':
+        tecoa_weights = zeroshot_weights(tower, classnames, list(tecoa_templates) or list(config['prompt_templates'])
+                                         or None).to(device)
 if web:
     model_args['embed_out'] = tower.embed_dim
-
 
 
 @torch.no_grad()
@@ -244,62 +356,91 @@ def zeroshot_feature_norm(backbone, proj):
     return z.norm(dim=-1).mean().item()
 
 
+def start_new_stage(model, src):
+    """Weights only from another run or file (pos embed resized; a new head if the task
+    changed); returns (new_head, compute and samples of the stages before)."""
+    sd = clean_state_dict(src.get('ema') or src.get('model', src))  # a new stage takes the EMA weights if kept
+    key = model.classifier_key()
+    new_head = sd[key + '.weight'].shape != model.get_classifier().weight.shape
+    model.load_timm_state_dict(sd, skip_head=new_head)
+    if new_head and tower is not None and not web:  # web -> labels: start from the zero-shot classifier
+        bias = sd.get(key + '.bias')
+        proj = torch.nn.Linear(*sd[key + '.weight'].shape[::-1], bias=bias is not None)
+        proj.load_state_dict({'weight': sd[key + '.weight'], **({'bias': bias} if bias is not None else {})})
+        model.set_classifier(head_from_zeroshot(torch.nn.ModuleDict({'head': proj}), zs_weights.cpu(),
+                                                feature_norm=zeroshot_feature_norm(model, proj)))
+        log("init_from: class head initialised from the CLIP zero-shot classifier")
+    return new_head, src.get('compute_prev', 0.0) + src.get('compute', 0.0), \
+        src.get('samples_prev', 0) + src.get('samples_seen', 0)
+
+
 # model, optimizer, state
 torch.manual_seed(seed)
 raw_model = build_model(model_args)
 samples_seen, compute_prev, samples_prev = 0, 0.0, 0  # *_prev: earlier stages, for the logs' totals
-if src is not None:
-    if init_from == 'resume':  # the trained weights (the EMA, if any, is restored below)
-        raw_model.load_timm_state_dict(src['model'])
-        samples_seen = src['samples_seen']
-        compute_prev, samples_prev = src['compute_prev'], src.get('samples_prev', 0)
-    else:  # a new stage: weights only (pos embed resized; a new head if the task changed)
-        sd = clean_state_dict(src.get('ema') or src.get('model', src))  # a new stage takes the EMA weights if kept
-        key = raw_model.classifier_key()
-        new_head = sd[key + '.weight'].shape != raw_model.get_classifier().weight.shape
-        raw_model.load_timm_state_dict(sd, skip_head=new_head)
-        if new_head and tower is not None and not web:  # web -> labels: start from the zero-shot classifier
-            proj = torch.nn.Linear(*sd[key + '.weight'].shape[::-1])
-            proj.load_state_dict({'weight': sd[key + '.weight'], 'bias': sd[key + '.bias']})
-            raw_model.set_classifier(head_from_zeroshot(torch.nn.ModuleDict({'head': proj}), zs_weights.cpu(),
-                                                        feature_norm=zeroshot_feature_norm(raw_model, proj)))
-            log("init_from: class head initialised from the CLIP zero-shot classifier")
-        compute_prev = src.get('compute_prev', 0.0) + src.get('compute', 0.0)
-        samples_prev = src.get('samples_prev', 0) + src.get('samples_seen', 0)
-        log(f"init_from {init_from}: {'new head, ' if new_head else ''}{raw_model.describe()}")
+if resuming:  # the trained weights (the EMA, if any, is restored below)
+    raw_model.load_timm_state_dict(src['model'])
+    samples_seen, compute_prev, samples_prev = src['samples_seen'], src['compute_prev'], src.get('samples_prev', 0)
+elif src is not None:
+    new_head, compute_prev, samples_prev = start_new_stage(raw_model, src)
+    log(f"init_from {init_from}: {'new head, ' if new_head else ''}{raw_model.describe()}")
+elif from_open_clip:
+    raw_model.load_timm_state_dict(load_open_clip_image_tower(init_from, img_size=img_size).state_dict())
+    log(f"init_from {init_from}: open_clip image tower, {raw_model.describe()}")
+if tower is not None and not web:  # a labelled stage needed the text tower for its head only
+    tower = None
 raw_model.to(device)
+fare = None
+if loss == 'fare':  # phi_orig: the starting tower, frozen (a resumed run rebuilds it from init_from)
+    if resuming:
+        start = build_model(model_args)
+        if from_open_clip:
+            start.load_timm_state_dict(load_open_clip_image_tower(init_from, img_size=img_size).state_dict())
+        else:
+            start_new_stage(start, read_checkpoint(init_from))
+        fare = FareLoss(start, device)
+    else:
+        fare = FareLoss(raw_model, device)
 contrastive = ContrastiveLoss(logit_scale_init).to(device) if web else None
 decay = [p for n, p in raw_model.named_parameters() if p.ndim >= 2 and 'pos_embed' not in n and 'cls_token' not in n]
 no_decay = [p for n, p in raw_model.named_parameters() if not (p.ndim >= 2 and 'pos_embed' not in n and 'cls_token' not in n)]
 no_decay += list(contrastive.parameters()) if web else []  # the temperature
-optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': weight_decay},
-                               {'params': no_decay, 'weight_decay': 0.0}], lr=lr, betas=(beta1, beta2),
-                              fused=device_type == 'cuda')
+groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+if optimizer not in ('adamw', 'sgd'):
+    raise SystemExit(f"optimizer='{optimizer}' is unknown: use 'adamw' or 'sgd'")
+optimizer = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=device_type == 'cuda') \
+    if optimizer == 'adamw' else torch.optim.SGD(groups, lr=lr, momentum=momentum)
 ema = None
 if ema_decay > 0:
     ema = build_model(model_args).to(device).requires_grad_(False)
-    ema.load_state_dict(src['ema'] if init_from == 'resume' and src.get('ema') else raw_model.state_dict())
-if init_from == 'resume':
+    ema.load_state_dict(src['ema'] if resuming and src.get('ema') else raw_model.state_dict())
+if resuming:
     optimizer.load_state_dict(src['optimizer'])
     if web:
         contrastive.load_state_dict(src['contrastive'])
     log(f"resumed {out_dir} at {samples_seen} samples")
-data_state = src.get('data_state') if init_from == 'resume' else None
-src = None  # free the checkpoint's memory
+data_state = src.get('data_state') if resuming else None
+del src  # free the checkpoint (memory-mapped: its pages go with it)
+if device_type == 'cuda':
+    torch.cuda.empty_cache()
 
 fast_model = torch.compile(raw_model) if compile else raw_model  # attacks and training use this one
-train_model = DDP(fast_model, device_ids=[device] if device_type == 'cuda' else None) if ddp else fast_model
+# gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets (no second copy)
+train_model = DDP(fast_model, device_ids=[device] if device_type == 'cuda' else None,
+                  gradient_as_bucket_view=True) if ddp else fast_model
 
-if web:
+aug = dict(scale=tuple(crop_scale), hflip=0.5 * hflip, auto_augment=auto_augment, interpolation=train_interpolation)
+if web or shards:
     train_loader = datalib.web_loader(train_data, img_size, micro, rank, world, seed, num_workers, state=data_state,
-                                      shuffle_buffer=shuffle_buffer, scale=tuple(crop_scale), hflip=0.5 * hflip,
-                                      pin_memory=device_type == 'cuda')
+                                      shuffle_buffer=shuffle_buffer, labelled=shards, uint8=True,
+                                      pin_memory=device_type == 'cuda', **aug)
+if web:
     captions = None
     if caption_embeddings:
         from clip_head import CaptionEmbeddings
         captions = CaptionEmbeddings(caption_embeddings)
-else:
-    train_tf = datalib.train_transform(img_size, tuple(crop_scale), hflip, randaug_n, randaug_m)
+elif not shards:
+    train_tf = datalib.train_transform(img_size, tuple(crop_scale), hflip, auto_augment, train_interpolation)
     train_loader = datalib.image_folder_loader(train_data, train_tf, micro, rank, world, seed,
                                                start=samples_seen // world, num_workers=num_workers)
 val_loader = datalib.val_loader(val_data, val_tf, micro, eval_samples, rank, world, num_workers)
@@ -311,26 +452,52 @@ def loss_fn(logits, targets):
     return F.cross_entropy(logits.float(), targets)
 
 
-train_loss = contrastive if web else loss_fn
-attack_loss = attack_loss_fn(contrastive) if web else loss_fn  # Eq. 3: the attack maximises the training loss
+# the attack maximises the stage's own loss (Eq. 3 for web data; TeCoA's and FARE's as their papers do)
+if web:
+    train_loss, attack_loss = contrastive, attack_loss_fn(contrastive)
+elif loss == 'tecoa':
+    train_loss = attack_loss = tecoa_loss_fn(tecoa_weights)
+elif loss == 'fare':
+    train_loss = attack_loss = fare
+else:
+    train_loss = attack_loss = loss_fn
 
 
-def next_batch():
+def to_device(t):
+    # from pinned memory, without blocking the host; uint8 images become [0,1] floats on the device
+    t = t.to(device, non_blocking=True)
+    return t.float().div_(255) if t.dtype == torch.uint8 else t
+
+
+def next_batch(micro_step):
     """(images, targets for the loss, labels for the accuracy, unreadable images skipped)."""
     if web:  # targets: the captions' fixed text embeddings; accuracy: in-batch image->text retrieval
         b = next(train_iter)
-        x = b.image.to(device, non_blocking=True)
-        txt = captions[b.key].to(device) if captions is not None else tower.encode(b.text).to(device)
+        x = to_device(b.image)
+        if captions is not None:
+            emb = captions[b.key]
+            txt = to_device(emb.pin_memory() if device_type == 'cuda' else emb)
+        else:
+            txt = tower.encode(b.text, batch_size=micro)  # fixed shapes: the same bits after a resume
         return x, txt, torch.arange(len(x), device=device), sum(train_loader.skipped_last.values())
-    x, y, n_bad = next(train_iter)
-    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    targets = datalib.soft_targets(y, num_classes, label_smoothing)
-    x, targets = datalib.mix_batch(x, targets, mixup, cutmix)
+    if shards:
+        b = next(train_iter)
+        x, y, n_bad = b.image, b.label, sum(train_loader.skipped_last.values())
+    else:
+        x, y, n_bad = next(train_iter)
+    x, y = to_device(x), to_device(y)
+    s = (seed * 1_000_003 + step * 1009 + rank) * 64 + micro_step  # the device augmentation's draws: exact resume
+    x = datalib.random_erase(x, reprob, seed=s)
+    x, targets = datalib.mix_batch(x, datalib.soft_targets(y, num_classes, label_smoothing), mixup, cutmix, seed=s)
+    if fare is not None:  # FARE's target: the original tower's embedding of the clean image
+        targets = fare.targets(x)
     return x, targets, y, n_bad
 
 
 def predictions(out, targets):
-    return (F.normalize(out.float(), dim=-1) @ targets.T).argmax(1) if web else out.argmax(1)
+    if web:  # in-batch image -> caption retrieval
+        return (F.normalize(out.float(), dim=-1) @ targets.T).argmax(1)
+    return (F.normalize(out.float(), dim=-1) @ zs_weights.T).argmax(1) if clip_ft else out.argmax(1)
 
 
 def lr_at(s):
@@ -342,7 +509,7 @@ def lr_at(s):
 
 def save_checkpoint():
     states = None
-    if web:  # every rank's stream position, so each can resume exactly
+    if web or shards:  # every rank's stream position, so each can resume exactly
         states = [None] * world
         dist.all_gather_object(states, train_loader.state_dict()) if ddp else states.__setitem__(0, train_loader.state_dict())
         states = datalib.merge_states(states)
@@ -354,11 +521,9 @@ def save_checkpoint():
     ckpt = {'model': raw_model.state_dict(), 'model_args': model_args, 'optimizer': optimizer.state_dict(),
             'ema': ema.state_dict() if ema is not None else None, 'samples_seen': samples_seen,
             'compute': fwd_macs * samples_seen / 1e19, 'compute_prev': compute_prev, 'samples_prev': samples_prev,
-            'stage': os.path.basename(out_dir), 'config': config, 'data_state': states,
+            'stage': os.path.basename(out_dir), 'config': config, 'data_state': states, 'world': world,
             'contrastive': contrastive.state_dict() if web else None}
-    tmp = os.path.join(out_dir, 'ckpt.pt.tmp')
-    torch.save(ckpt, tmp)
-    os.replace(tmp, os.path.join(out_dir, 'ckpt.pt'))  # atomic: a crash keeps the last good one
+    write_checkpoint(ckpt, out_dir, samples_seen, keep_ckpts)
 
 
 def progress():
@@ -376,12 +541,43 @@ def write_log(record):
             wandb.log(record)
 
 
-got_sigterm = False
+sigterm_step = None  # the step during which SIGTERM arrived
 
 
 def on_sigterm(signum, frame):
-    global got_sigterm
-    got_sigterm = True  # acted on after this step (one process) or at the next log point (DDP: all ranks agree)
+    global sigterm_step
+    if sigterm_step is None:
+        sigterm_step = globals().get('step', 0)
+
+
+class StopFlag:
+    """Whether any rank got SIGTERM, agreed on by all ranks without a host sync in the step:
+    each step starts an all-reduce of the local flag and reads the previous step's result,
+    which finished long ago. So all ranks stop after the same step, at most 2 steps late."""
+
+    def __init__(self):
+        self.pending = None
+
+    def __call__(self, local):
+        if not ddp:
+            return local
+        stop = False
+        if self.pending is not None:
+            work, flag, ready = self.pending
+            work.wait()
+            if ready is not None:
+                ready.synchronize()  # the previous step's copy: the GPU is one step ahead at most
+            stop = flag.item() > 0
+        flag = torch.tensor([float(local)], device=device)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        ready = None
+        if device_type == 'cuda':  # read it on the host a step later, from pinned memory
+            work.wait()  # (NCCL: the stream waits, not the host)
+            flag = torch.empty(1, pin_memory=True).copy_(flag, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        self.pending = (work, flag, ready)
+        return stop
 
 
 signal.signal(signal.SIGTERM, on_sigterm)
@@ -390,7 +586,7 @@ if wandb_log and master:
     wandb.init(project=wandb_project, name=os.path.basename(out_dir), config=config)
 
 eval_model = ema if ema is not None else raw_model
-if web:  # a web-trained tower is evaluated as a zero-shot classifier of the labelled val set
+if web or clip_ft:  # a CLIP tower is evaluated as a zero-shot classifier of the labelled val set
     eval_model = ZeroShotClassifier(eval_model, zs_weights)
 stage = os.path.basename(out_dir)
 log(f"stage {stage}: {raw_model.describe()}, {samples} samples at {img_size}px, PGD-{pgd_steps}, "
@@ -398,6 +594,8 @@ log(f"stage {stage}: {raw_model.describe()}, {samples} samples at {img_size}px, 
 
 # ----------------------------------------------------------------------------- training loop
 step = samples_seen // batch_size
+start_step = step
+stop_flag = StopFlag()
 t_start = t_last = time.time()
 last_log_samples = samples_seen
 acc_loss = torch.zeros((), device=device)
@@ -411,7 +609,7 @@ while samples_seen < samples:
     for group in optimizer.param_groups:
         group['lr'] = lr_at(samples_seen)
     for micro_step in range(grad_accum):
-        x, targets, y, n_bad = next_batch()
+        x, targets, y, n_bad = next_batch(micro_step)
         bad_images += n_bad
         with autocast:
             x_adv = pgd(fast_model, x, targets, attack_loss, eps_now, step_now, pgd_steps, norm, pgd_random_start,
@@ -433,25 +631,27 @@ while samples_seen < samples:
             torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - ema_decay)
     samples_seen += batch_size
     step += 1
+    stop = stop_flag(sigterm_step is not None)
 
     done = samples_seen >= samples
-    # a log point: every log_every samples, at the end, and (one process) right after a SIGTERM
-    if samples_seen // log_every > (samples_seen - batch_size) // log_every or done or (got_sigterm and not ddp):
+    # a log point: every log_every samples, at the end, and before a SIGTERM checkpoint
+    if samples_seen // log_every > (samples_seen - batch_size) // log_every or done or stop:
         sums = torch.stack([acc_loss, acc_correct, bad_images.to(device).float()])
-        maxes = torch.stack([first_bad_step.float(), torch.tensor(float(got_sigterm), device=device)])
+        bad_step = first_bad_step.clone()
         if ddp:
             dist.all_reduce(sums)
-            dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
-        (loss_sum, correct, n_bad), (bad_step, stop) = sums.tolist(), maxes.tolist()
+            dist.all_reduce(bad_step, op=dist.ReduceOp.MAX)
+        (loss_sum, correct, n_bad), bad_step = sums.tolist(), int(bad_step)
         if bad_step >= 0:
-            raise SystemExit(f"loss is NaN/inf at step {int(bad_step)} ({samples_seen} samples); "
+            raise SystemExit(f"loss is NaN/inf at step {bad_step} ({samples_seen} samples); "
                              f"the last good checkpoint in {out_dir} is kept (lower lr or check the data)")
         n = samples_seen - last_log_samples
         dt, t_last = time.time() - t_last, time.time()
         if n_bad > max_bad_frac * samples_seen:
             raise SystemExit(f"{int(n_bad)} unreadable images in {samples_seen} samples exceeds max_bad_frac={max_bad_frac}; "
                              f"check {train_data}")
-        record = {**progress(), 'loss': loss_sum / (n / batch_size), 'adv_acc': 100 * correct / n,
+        # every rank's loss is its share of the global mean (or, contrastive, the global loss): average over ranks
+        record = {**progress(), 'loss': loss_sum / world / (n / batch_size), 'adv_acc': 100 * correct / n,
                   'lr': lr_at(samples_seen - batch_size), 'eps': eps_now, 'img_per_s': n / dt, 'bad_images': int(n_bad)}
         mfu = ''
         if device_type == 'cuda':  # FLOPs: train fwd+bwd = 3x forward, each attack step 2x forward
@@ -466,7 +666,8 @@ while samples_seen < samples:
         last_log_samples = samples_seen
         if stop:
             save_checkpoint()
-            log(f"SIGTERM: checkpoint written at {samples_seen} samples; resume with --init_from=resume")
+            log(f"SIGTERM at step {sigterm_step}: checkpoint written at step {step} ({samples_seen} samples); "
+                f"the same command resumes")
             if ddp:
                 dist.barrier()
                 dist.destroy_process_group()
@@ -474,22 +675,24 @@ while samples_seen < samples:
     if eval_every and (samples_seen // eval_every > (samples_seen - batch_size) // eval_every) and not done:
         clean, robust, _ = evaluate_pgd(eval_model, val_loader, eval_eps or eps, eval_pgd_steps, eval_step_size,
                                         norm, autocast=autocast)
-        log(f"eval {samples_seen}: clean {clean:.2f}% | PGD-{eval_pgd_steps} {robust:.2f}%")
-        write_log({**progress(), 'clean_acc': clean, 'pgd20_acc': robust})
+        log(f"eval {samples_seen}: clean {clean:.2f}% | PGD-{eval_pgd_steps} {robust:.2f}% ({dtype})")
+        write_log({**progress(), 'clean_acc': clean, 'pgd20_acc': robust, 'eval_dtype': dtype})
     if ckpt_every and samples_seen // ckpt_every > (samples_seen - batch_size) // ckpt_every and not done:
         save_checkpoint()
 
-save_checkpoint()
+if step > start_step:  # (a finished stage run again only redoes its final evaluation)
+    save_checkpoint()
 train_s = time.time() - t_start
 clean, robust, n_eval = evaluate_pgd(eval_model, final_loader, eval_eps or eps, eval_pgd_steps, eval_step_size,
-                                     norm, autocast=autocast)
+                                     norm, autocast=eval_autocast)
 results = {'clean_acc': clean, 'pgd20_acc': robust, 'eps': eval_eps or eps, 'samples': samples_seen,
            'wall_s': time.time() - t_start, 'train_s': train_s, 'eval_images': n_eval, 'img_size': img_size,
-           'model': model, 'compute_1e10': compute_prev + compute_1e10}
+           'model': model, 'compute_1e10': compute_prev + compute_1e10, 'eval_dtype': eval_dtype}
 write_log({**progress(), 'clean_acc': clean, 'pgd20_acc': robust, 'compute_1e10': results['compute_1e10'], 'final': True})
 if master:
-    with open(os.path.join(out_dir, 'results.json'), 'w') as f:
+    with open(os.path.join(out_dir, 'results.json.tmp'), 'w') as f:
         json.dump(results, f, indent=2)
+    os.replace(os.path.join(out_dir, 'results.json.tmp'), os.path.join(out_dir, 'results.json'))
     print(f"\n| stage | samples | eps | clean | PGD-{eval_pgd_steps} | wall |\n|---|---|---|---|---|---|\n"
           f"| {stage} | {samples_seen} | {eps_str(results['eps'])} | {clean:.1f}% | {robust:.1f}% | "
           f"{results['wall_s']:.0f}s |")

@@ -1,0 +1,137 @@
+"""
+Per-GPU memory plan of a training stage, printed by `train.py --dry_run=True`.
+
+Weights, gradients, AdamW state, EMA and frozen towers are counted from their sizes.
+Activations are measured, not guessed: the bytes autograd saves for backward (each storage
+once, via torch.autograd.graph.saved_tensors_hooks) plus the block inputs that activation
+checkpointing keeps, counted on small CPU copies of the stage's model (1 and 2 blocks per
+stage, 1 and 2 images, under the stage's autocast dtype) and scaled linearly to the real
+depth and micro batch; with checkpointing the one block being recomputed is added.
+"""
+
+import torch
+from torch.autograd.graph import saved_tensors_hooks
+
+import model as model_lib
+
+GiB = 2 ** 30
+
+
+def count_saved_bytes(fn, model=None):
+    """Run fn(), forward only; return (bytes of the distinct storages autograd saved, fn's result,
+    which cannot be back-propagated). With a model whose config has grad_ckpt, the inputs its
+    checkpointed blocks keep are added."""
+    storages, kept = {}, []
+
+    def pack(t):
+        # keep the storage (so its address is not reused while counting), not the tensor: a saved
+        # tensor kept by its own graph is a reference cycle autograd never frees; no backward runs
+        s = t.untyped_storage()
+        storages[s.data_ptr() if t.device.type != 'meta' else id(t)] = s
+
+    hooks = []
+    if model is not None and model.config.grad_ckpt:
+        def keep_input(module, args):
+            if torch.is_grad_enabled():
+                kept.append(args[0].numel() * args[0].element_size())
+        hooks = [b.register_forward_pre_hook(keep_input) for b in checkpointed_blocks(model)]
+    try:
+        with saved_tensors_hooks(pack, lambda _: None):
+            out = fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return sum(s.nbytes() for s in storages.values()) + sum(kept), out
+
+
+def checkpointed_blocks(model):
+    if hasattr(model, 'blocks'):
+        return list(model.blocks)
+    return [b for stage in model.stages for b in stage.blocks]
+
+
+def step_bytes(model, x, kind, mask_ratio=0.0, mask_kind='random', autocast=None):
+    """Bytes saved by one attack step (eval mode, frozen weights, gradient w.r.t. the input
+    only) or one training step (train mode, weight gradients)."""
+    autocast = autocast or torch.autocast('cpu', enabled=False)
+    training = kind == 'train'
+    model.train(training)
+    model.requires_grad_(training)
+    x = x.clone().requires_grad_(not training)
+
+    def forward():
+        with autocast:
+            return model(x, mask_ratio=mask_ratio, mask_kind=mask_kind).float().logsumexp(-1).mean()
+    return count_saved_bytes(forward, model)[0]
+
+
+def _depth_variants(args):
+    """(args with one block per stage, [(args with one more block in stage i, blocks to scale by)])."""
+    if 'dims' in args:  # ConvNeXt: a depth per stage
+        n = len(args['depths'])
+        base = {**args, 'depths': (1,) * n}
+        return base, [({**args, 'depths': tuple(2 if j == i else 1 for j in range(n))}, args['depths'][i] - 1)
+                      for i in range(n)]
+    return {**args, 'depth': 1}, [({**args, 'depth': 2}, args['depth'] - 1)]
+
+
+def activation_bytes(model_args, micro, img_size, kind, mask_ratio=0.0, mask_kind='random', dtype='float32',
+                     recompute=True):
+    """Peak activation bytes of one attack or training step at this micro batch, measured on
+    small copies and scaled (see the module docstring)."""
+    autocast = torch.autocast('cpu', dtype=torch.bfloat16) if dtype == 'bfloat16' else None
+    ckpt = model_args.get('grad_ckpt', False)
+
+    def measure(args, grad_ckpt):
+        with torch.device('meta'):  # values do not matter for the bytes saved: skip the initialisation
+            m = model_lib.build_model({**args, 'grad_ckpt': grad_ckpt, 'drop_path_rate': 0.0})
+        m = m.to_empty(device='cpu')
+        per_batch = [step_bytes(m, torch.rand(b, 3, img_size, img_size), kind, mask_ratio, mask_kind, autocast)
+                     for b in (1, 2)]
+        fixed, per_image = 2 * per_batch[0] - per_batch[1], per_batch[1] - per_batch[0]
+        return fixed + per_image * micro
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        base_args, variants = _depth_variants(model_args)
+        base = measure(base_args, ckpt)
+        total = base + sum((measure(a, ckpt) - base) * n for a, n in variants)
+        if ckpt and recompute:  # backward recomputes one block at a time, with all of its activations
+            base_full = measure(base_args, False)
+            total += max(measure(a, False) - base_full for a, _ in variants)
+    return total
+
+
+def tower_params(name):
+    """Parameter count of an open_clip model's text side, built on the meta device (no weights)."""
+    from clip_head import _open_clip
+    open_clip = _open_clip()  # with this project's tiny configs registered
+    with torch.device('meta'):
+        clip = open_clip.create_model(name, pretrained=None, device='meta')
+    return sum(p.numel() for n, p in clip.named_parameters() if not n.startswith('visual.'))
+
+
+def memory_plan(model_args, micro, img_size, pgd_steps, mask_ratio=0.0, mask_kind='random', dtype='bfloat16',
+                ema=False, text_tower=None, frozen_copy=False):
+    """{component: bytes} per GPU, and the peak. Weights, gradients, AdamW's two moments and
+    the EMA are fp32; a frozen tower (the CLIP text tower, FARE's original image tower) bf16 under
+    bf16 training, fp32 otherwise. DDP's buckets are the gradients (gradient_as_bucket_view)."""
+    with torch.device('meta'):
+        n_params = sum(p.numel() for p in model_lib.build_model(model_args).parameters())
+    frozen_bytes = 2 if dtype == 'bfloat16' else 4
+    plan = {'parameters': 4 * n_params, 'gradients': 4 * n_params, 'adamw_state': 8 * n_params,
+            'ema': 4 * n_params if ema else 0,
+            'text_tower': frozen_bytes * tower_params(text_tower) if text_tower else 0,
+            'frozen_copy': frozen_bytes * n_params if frozen_copy else 0,
+            'images': micro * 3 * img_size ** 2 * (1 + 4 * 3)}  # uint8 batch; x, x_adv and its gradient in fp32
+    args = dict(model_args, img_size=img_size)
+    plan['attack_activations'] = activation_bytes(args, micro, img_size, 'attack', mask_ratio, mask_kind, dtype) \
+        if pgd_steps > 0 else 0
+    plan['train_activations'] = activation_bytes(args, micro, img_size, 'train', mask_ratio, mask_kind, dtype)
+    static = sum(v for k, v in plan.items() if not k.endswith('_activations'))
+    plan['peak'] = static + max(plan['attack_activations'], plan['train_activations'])
+    return plan
+
+
+def format_plan(plan):
+    return ' | '.join(f"{k} {v / GiB:.2f}" for k, v in plan.items() if v) + ' (GiB per GPU)'
