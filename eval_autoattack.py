@@ -902,7 +902,8 @@ def load_model(path, arch=None, classnames=None):
     if cfg.get('data') == 'webdataset' or cfg.get('loss') in ('tecoa', 'fare'):
         import data
         tower = clip_head.load_text_tower(cfg['text_tower'], cfg['text_pretrained'] or None, seed=cfg['seed'])
-        classes = clip_head.imagenet_classnames() if cfg['num_classes'] == 1000 else data.class_names(cfg['val_data'])
+        val = cfg['val_data'] or f'{data.DEMO_ROOT}/val'  # data='demo' leaves it empty
+        classes = clip_head.imagenet_classnames() if cfg['num_classes'] == 1000 else data.class_names(val)
         weights = clip_head.zeroshot_weights(tower, classes, list(cfg['prompt_templates']) or None)
         m = clip_head.ZeroShotClassifier(m, weights)
         m.config = m.image_model.config
