@@ -502,8 +502,10 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def to_device(x, device):
-    """uint8 batch -> float [0,1] on the device (the copy moves 1/4 of float32's bytes)."""
-    return x.to(device, non_blocking=True).float().div_(255)
+    """A batch tensor to the device without blocking the host (from pinned memory on CUDA); a
+    uint8 image batch becomes [0,1] floats there (the copy moves 1/4 of float32's bytes)."""
+    x = x.to(device, non_blocking=True)
+    return x.float().div_(255) if x.dtype == torch.uint8 else x
 
 
 def soft_targets(y, num_classes, smoothing=0.0):

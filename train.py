@@ -464,9 +464,7 @@ else:
 
 
 def to_device(t):
-    # from pinned memory, without blocking the host; uint8 images become [0,1] floats on the device
-    t = t.to(device, non_blocking=True)
-    return t.float().div_(255) if t.dtype == torch.uint8 else t
+    return datalib.to_device(t, device)
 
 
 def next_batch(micro_step):

@@ -21,6 +21,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 
 import data
 import make_shards
+from test_clip_head import _write_shard as write_shard  # one tar writer for the tests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAE_AA = 'rand-m9-mstd0.5-inc1'
@@ -46,13 +47,7 @@ def jpeg_bytes(im, quality=90):
     return buf.getvalue()
 
 
-def write_shard(path, samples):
-    with tarfile.open(path, 'w') as tar:
-        for key, members in samples:
-            for ext, payload in members.items():
-                info = tarfile.TarInfo(f'{key}.{ext}')
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
+
 
 
 @pytest.fixture(scope='module')
