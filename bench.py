@@ -271,8 +271,54 @@ def bench_loader(quick):
                 out[f'{name}_{size}px_img_s_per_worker'], out[f'{name}_{size}px_img_s_per_core'] = _loader_rate(loader, n)
             out[f'speedup_{size}'] = out[f'new_folder_{size}px_img_s_per_core'] / out[f'full_decode_mae_float32_{size}px_img_s_per_core']
             out[f'speedup_vs_today_{size}'] = out[f'new_folder_{size}px_img_s_per_core'] / out[f'today_torchvision_{size}px_img_s_per_core']
+        for size in (112, 84):  # the web stages' recipe (CLIPA: crop scale (0.9, 1), no RandAugment), same shards
+            out[f'web_recipe_shards_{size}px_img_s_per_worker'], out[f'web_recipe_shards_{size}px_img_s_per_core'] = \
+                _loader_rate(datalib.web_loader(manifest['pattern'], size, 32, num_workers=1, shuffle_buffer=256,
+                                                labelled=True, uint8=True, scale=(0.9, 1.0)), n)
+        out.update(decode_floor(tree, 112))
+        # the most any JPEG pipeline with this augmentation could gain over a worker of the old one
+        out['speedup_bound_112'] = 1e3 / out['full_decode_mae_float32_112px_img_s_per_core'] / (
+            out['ms_decode_eighth_112px'] + out['ms_rand_augment_112px'])
     print('  loaders: ' + ', '.join(f'{k} {v:.2f}' for k, v in out.items()), flush=True)
     return out
+
+
+def decode_floor(tree, size, repeats=3):
+    """Per-image CPU ms, in this process, of what bounds any JPEG pipeline with the same
+    augmentation: decoding at 1/8 scale (libjpeg still entropy-decodes every coefficient, so no
+    DCT scaling goes below it) and timm's RandAugment at `size`; and both whole pipelines (one
+    thread, as in a loader worker)."""
+    import io
+    from PIL import Image
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision import transforms as T
+    paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(tree) for f in fs)
+    blobs = [open(p, 'rb').read() for p in paths]
+    ra = datalib._rand_augment(MAE_AA, size, 'bilinear')
+    small = [Image.open(io.BytesIO(b)).convert('RGB').resize((size, size)) for b in blobs]
+    old = T.Compose([RandomResizedCropAndInterpolation(size, (0.08, 1.0), interpolation='bilinear'),
+                     T.RandomHorizontalFlip(), ra, T.ToTensor()])
+
+    def entropy_floor(b):
+        im = Image.open(io.BytesIO(b))
+        im.draft('RGB', (im.width // 8, im.height // 8))
+        im.load()
+
+    cases = {'full_decode_mae_float32': lambda i: old(Image.open(io.BytesIO(blobs[i])).convert('RGB')),
+             'new': lambda i: datalib.load_train_image(blobs[i], i, size, auto_augment=MAE_AA),
+             'decode_full': lambda i: Image.open(io.BytesIO(blobs[i])).load(),
+             'decode_eighth': lambda i: entropy_floor(blobs[i]),
+             'rand_augment': lambda i: ra(small[i])}
+    ms, threads = {k: [] for k in cases}, torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a loader worker: ToTensor's small ops would otherwise spin a thread pool
+    for _ in range(repeats):  # interleaved, best of repeats: the machine's noise hits every case alike
+        for k, fn in cases.items():
+            t = time.thread_time()
+            for i in range(len(blobs)):
+                fn(i)
+            ms[k].append(1e3 * (time.thread_time() - t) / len(blobs))
+    torch.set_num_threads(threads)
+    return {f'ms_{k}_{size}px': min(v) for k, v in ms.items()}
 
 
 def _children():
@@ -516,6 +562,7 @@ def main():
         res['loader'] = bench_loader(args.quick)
         res['loader_speedup_112'] = res['loader']['speedup_112']  # new ImageFolder pipeline / full decode, same aug
         res['loader_img_s_per_core_112_shards'] = res['loader']['new_shards_112px_img_s_per_core']
+        res['loader_speedup_112_bound'] = res['loader']['speedup_bound_112']  # the most any JPEG decoder could give
     if 'two_stage' in rows:
         res['two_stage'] = bench_two_stage(args.quick)
         res['two_stage_time_ratio'] = res['two_stage']['two_stage_time_ratio']
@@ -559,9 +606,16 @@ def print_tables(res):
         for name in ('today_torchvision', 'full_decode_mae_float32', 'new_folder', 'new_shards'):
             print(f"| {name} | " + ' | '.join(f"{L[f'{name}_{s}px_img_s_per_core']:.0f} ({L[f'{name}_{s}px_img_s_per_worker']:.0f})"
                                              for s in (112, 224)) + " |")
+        print(f"| web recipe (crop (0.9, 1), no RandAugment), shards; 84 px in the 224 px column | "
+              + ' | '.join(f"{L[f'web_recipe_shards_{s}px_img_s_per_core']:.0f} "
+                           f"({L[f'web_recipe_shards_{s}px_img_s_per_worker']:.0f})" for s in (112, 84)) + " |")
         print(f"\nloader_speedup_112 = {L['speedup_112']:.2f} (224 px: {L['speedup_224']:.2f}; vs today's torchvision "
               f"pipeline {L['speedup_vs_today_112']:.2f} / {L['speedup_vs_today_224']:.2f}), "
               f"loader_img_s_per_core_112_shards = {L['new_shards_112px_img_s_per_core']:.0f}")
+        print("in-process ms per image at 112 px: " + ', '.join(
+            f"{k} {L[f'ms_{k}_112px']:.3f}" for k in ('full_decode_mae_float32', 'new', 'decode_full', 'decode_eighth',
+                                                       'rand_augment'))
+              + f"; loader_speedup_112_bound = {L['speedup_bound_112']:.2f}")
     if 'two_stage' in res:
         t = res['two_stage']
         print(f"\n| demo, {t['budget_fraction']:g} of the budget | training s | clean | PGD-20 |\n|---|---|---|---|")

@@ -5,4 +5,4 @@
 exec(open('config/advxl_vitl_laion.py').read())
 out_dir = 'out/advxl_convnext_l_laion'
 model = 'convnext_large'
-num_workers = 9                      # loader workers per GPU: ~4,640 img/s per H100 / one core's rate (shards at 112 px; README, Input pipeline)
+num_workers = 6                      # loader workers per GPU: ~4,640 img/s per H100 / one core's rate (web recipe, shards at 112 px; README, Input pipeline)

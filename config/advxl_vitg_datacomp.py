@@ -6,4 +6,4 @@ out_dir = 'out/advxl_vitg_datacomp'
 model = 'vit_giant_patch14'
 text_tower = 'ViT-bigG-14-CLIPA'  # the largest CLIPA text tower for the largest image tower
 micro_batch_size = 512            # 56 GiB without checkpointing (1024 would need it)
-num_workers = 2                      # loader workers per GPU: ~740 img/s per H100 at 84 px / one core's rate (shards at 112 px; README, Input pipeline)
+num_workers = 2                      # loader workers per GPU: ~740 img/s per H100 at 84 px / one core's rate (web recipe, shards at 84 px; README, Input pipeline)

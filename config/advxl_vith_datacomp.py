@@ -11,4 +11,4 @@ samples = 5_120_000_000
 pgd_steps = 2
 pgd_step_size = 3 / 255           # paper Table 1b: step 3/255 with 2 steps
 grad_ckpt = False                 # micro 1024 fits without it: 64 GiB (dry run)
-num_workers = 3                      # loader workers per GPU: ~1,190 img/s per H100 at 84 px / one core's rate (shards at 112 px; README, Input pipeline)
+num_workers = 2                      # loader workers per GPU: ~1,190 img/s per H100 at 84 px / one core's rate (web recipe, shards at 84 px; README, Input pipeline)

@@ -365,3 +365,41 @@ def _jpgs(dst):
                 for info in tar:
                     if info.name.endswith('.jpg'):
                         yield tar.extractfile(info).read()
+
+
+@pytest.mark.parametrize('fmt', [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_matches_tarfile(tmp_path, fmt):
+    # long names (GNU 'L' / pax 'path' / ustar prefix), non-ASCII names, a directory, empty
+    # and odd-sized members, gzip by name and by content; then a damaged header
+    rng = random.Random(fmt)
+    names = ['d/000001.jpg', 'd/000001.cls', 'e' * 150 + '/k2.jpg', 'k2.txt', 'e' * 98 + '.j']  # 100 chars: no NUL
+    names += [] if fmt == tarfile.USTAR_FORMAT else ['ünï/cödé.jpg', 'p' * 120 + '.txt']
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode='w', format=fmt) as tar:
+        for n in names:
+            d = bytes(rng.getrandbits(8) for _ in range(rng.choice([0, 1, 511, 512, 513, 3000])))
+            ti = tarfile.TarInfo(n)
+            ti.size = len(d)
+            tar.addfile(ti, io.BytesIO(d))
+        ti = tarfile.TarInfo('adir')
+        ti.type = tarfile.DIRTYPE
+        tar.addfile(ti)
+    import gzip
+    for name, raw in (('a.tar', buf.getvalue()), ('b.tar.gz', gzip.compress(buf.getvalue())),
+                      ('c.tar', gzip.compress(buf.getvalue()))):
+        (tmp_path / name).write_bytes(raw)
+        with tarfile.open(tmp_path / name) as tar:
+            want = [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+        f, stream = data._open_tar(str(tmp_path / name))
+        got = [(n, read()) for n, read in data.tar_members(f)]
+        stream.close()
+        assert got == want and len(got) == len(names)
+        f, stream = data._open_tar(str(tmp_path / name))  # members not read are skipped
+        assert [n for i, (n, read) in enumerate(data.tar_members(f)) if i % 2 or read() is not None] == [n for n, _ in want]
+        stream.close()
+    bad = bytearray(buf.getvalue())
+    bad[1024 if fmt == tarfile.USTAR_FORMAT else 0] ^= 0x20  # a flipped bit in a header
+    with pytest.raises(ValueError, match='checksum'):
+        list(data.tar_members(io.BytesIO(bytes(bad))))
+    with pytest.raises(EOFError):  # cut inside a member
+        [read() for _, read in data.tar_members(io.BytesIO(buf.getvalue()[:1536 + 100]))]

@@ -98,6 +98,23 @@ def test_sigterm_then_resume_equals_uninterrupted(folder, tmp_path):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part])  # bitwise on CPU
 
 
+def test_labelled_shards_stage_resumes_exactly(folder, tmp_path):
+    # the ImageNet pre-training configs' data path: make_shards.py, then data='shards' with 2 workers
+    import make_shards
+    man = make_shards.main([str(folder / 'train'), str(tmp_path / 'shards'), '--shard_size', '20', '--workers', '1'])
+    common = dict(data='shards', train_data=man['pattern'], samples=192, log_every=8, num_workers=2,
+                  shuffle_buffer=16, pgd_steps=1, mixup=0.4, final_eval_samples=6)
+    run(args_for(folder, tmp_path / 'full', **common))
+    cut = tmp_path / 'cut'
+    preempt(args_for(folder, cut, **common), 'cut 64/')
+    assert 64 <= read_checkpoint(str(cut))['samples_seen'] < 192
+    assert 'resumed' in run(args_for(folder, cut, **common)).stdout
+    a, b = (read_checkpoint(str(p)) for p in (tmp_path / 'full', cut))
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])  # bitwise on CPU
+    assert [r['loss'] for r in records(cut) if 'loss' in r] == [r['loss'] for r in records(tmp_path / 'full')
+                                                                if 'loss' in r]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
