@@ -321,6 +321,17 @@ def decode_floor(tree, size, repeats=3):
     return {f'ms_{k}_{size}px': min(v) for k, v in ms.items()}
 
 
+def pillow_build():
+    """'Pillow 13.0.0' or 'Pillow-SIMD 12.1.1.post0': the loader's speed depends on which."""
+    import importlib.metadata as md
+    import PIL
+    try:
+        md.distribution('pillow-simd')
+        return f'Pillow-SIMD {PIL.__version__}'
+    except md.PackageNotFoundError:
+        return f'Pillow {PIL.__version__}'
+
+
 def _children():
     me, out = str(os.getpid()), []
     for pid in filter(str.isdigit, os.listdir('/proc')):
@@ -548,7 +559,7 @@ def main():
         ['train', 'loader', 'two_stage', 'autoattack', 'cuda'] + ([] if args.quick else ['fast_path'])
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     cpu = torch.device('cpu')
-    info = dict(date=time.strftime('%Y-%m-%d'), quick=args.quick, torch=torch.__version__,
+    info = dict(date=time.strftime('%Y-%m-%d'), quick=args.quick, torch=torch.__version__, pillow=pillow_build(),
                 cpu_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
                 gpu=torch.cuda.get_device_name() if device.type == 'cuda' else None)
     res = {'info': info}
