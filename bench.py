@@ -225,6 +225,14 @@ def photo_tree(root, n, seed=0):
     return root
 
 
+def full_decode_mae(size):
+    """The baseline: the MAE recipe's timm augmentation on a fully decoded PIL image, float32 out."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision import transforms as T
+    return T.Compose([RandomResizedCropAndInterpolation(size, (0.08, 1.0), interpolation='bilinear'),
+                      T.RandomHorizontalFlip(), datalib._rand_augment(MAE_AA, size, 'bilinear'), T.ToTensor()])
+
+
 def _folder_loader(root, transform, batch_size, from_file=False):
     """A one-worker ImageFolder loader as data.image_folder_loader builds it, any transform."""
     from torch.utils.data import DataLoader
@@ -241,7 +249,6 @@ def bench_loader(quick):
     the new one (decode only what the crop needs, timm augmentation, uint8) from the ImageFolder
     tree and from pre-resized labelled shards (make_shards.py, max side 256). Workers needed
     per GPU = the stage's training img/s per GPU / these rates."""
-    from timm.data.transforms import RandomResizedCropAndInterpolation
     from torchvision import transforms as T
     import make_shards
     out = {}
@@ -259,9 +266,7 @@ def bench_loader(quick):
                 'today_torchvision': _folder_loader(tree, T.Compose([
                     T.RandomResizedCrop(size, (0.08, 1.0), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
                     T.RandomHorizontalFlip(), T.RandAugment(2, 9), T.ToTensor()]), 32),
-                'full_decode_mae_float32': _folder_loader(tree, T.Compose([
-                    RandomResizedCropAndInterpolation(size, (0.08, 1.0), interpolation='bilinear'),
-                    T.RandomHorizontalFlip(), datalib._rand_augment(MAE_AA, size, 'bilinear'), T.ToTensor()]), 32),
+                'full_decode_mae_float32': _folder_loader(tree, full_decode_mae(size), 32),
                 'new_folder': datalib.image_folder_loader(tree, datalib.train_transform(size, auto_augment=MAE_AA), 32,
                                                           num_workers=1),
                 'new_shards': datalib.web_loader(manifest['pattern'], size, 32, num_workers=1, shuffle_buffer=256,
@@ -290,14 +295,11 @@ def decode_floor(tree, size, repeats=3):
     thread, as in a loader worker)."""
     import io
     from PIL import Image
-    from timm.data.transforms import RandomResizedCropAndInterpolation
-    from torchvision import transforms as T
     paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(tree) for f in fs)
     blobs = [open(p, 'rb').read() for p in paths]
     ra = datalib._rand_augment(MAE_AA, size, 'bilinear')
     small = [Image.open(io.BytesIO(b)).convert('RGB').resize((size, size)) for b in blobs]
-    old = T.Compose([RandomResizedCropAndInterpolation(size, (0.08, 1.0), interpolation='bilinear'),
-                     T.RandomHorizontalFlip(), ra, T.ToTensor()])
+    old = full_decode_mae(size)
 
     def entropy_floor(b):
         im = Image.open(io.BytesIO(b))

@@ -1,6 +1,7 @@
 """The input pipeline: multi-rank webdataset resume, SIGTERM-proof workers, the decode-only-
 what-the-crop-needs training transform (timm's crop distribution, close to full decoding,
 uint8), the MAE recipe's timm augmentation, labelled shards, exact ImageFolder resume."""
+import gzip
 import io
 import json
 import os
@@ -384,7 +385,6 @@ def test_tar_reader_matches_tarfile(tmp_path, fmt):
         ti = tarfile.TarInfo('adir')
         ti.type = tarfile.DIRTYPE
         tar.addfile(ti)
-    import gzip
     for name, raw in (('a.tar', buf.getvalue()), ('b.tar.gz', gzip.compress(buf.getvalue())),
                       ('c.tar', gzip.compress(buf.getvalue()))):
         (tmp_path / name).write_bytes(raw)
