@@ -325,17 +325,26 @@ def collate_drop_bad(batch):
     return collate_skip_bad(batch)[:2]
 
 
-def _ignore_sigterm(worker_id, init_fn=None):
-    # a SIGTERM to the process group (SLURM, k8s) must reach only the trainer, which checkpoints;
-    # a worker killed by it would make the DataLoader raise before the checkpoint is written
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if init_fn is not None:
-        init_fn(worker_id)
+def _ignore_sigterm(worker_id):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a SIGTERM that came while blocked is dropped here
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGTERM])
 
 
-def worker_init(init_fn=None):
-    """A DataLoader worker_init_fn: workers ignore SIGTERM, then run init_fn (if any)."""
-    return functools.partial(_ignore_sigterm, init_fn=init_fn)
+class SigtermSafeLoader(DataLoader):
+    """torch's DataLoader whose workers ignore SIGTERM. A SIGTERM to the process group (SLURM,
+    k8s) must reach only the trainer, which checkpoints; a worker killed by it would make the
+    DataLoader raise before the checkpoint is written. Workers are forked with SIGTERM blocked,
+    so one sent while a worker starts up waits, and is dropped once the worker ignores it."""
+
+    def __init__(self, dataset, **kwargs):
+        super().__init__(dataset, worker_init_fn=_ignore_sigterm, **kwargs)
+
+    def __iter__(self):
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])  # the trainer's own SIGTERM waits
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @atexit.register  # registered after multiprocessing's own exit handler, so it runs before it
@@ -472,9 +481,9 @@ def image_folder_loader(root, transform, batch_size, rank=0, world=1, seed=0, st
     train_transform(...): (path, seed) -> uint8 tensor."""
     ds = ImageFolderSafe(root, transform, from_file=True)
     stream = SampleStream(len(ds), batch_size, rank, world, seed, start)
-    return DataLoader(ds, sampler=stream, batch_size=batch_size, collate_fn=collate_skip_bad,
-                      num_workers=num_workers, pin_memory=torch.cuda.is_available(), worker_init_fn=worker_init(),
-                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+    return SigtermSafeLoader(ds, sampler=stream, batch_size=batch_size, collate_fn=collate_skip_bad,
+                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
 
 
 class _Fixed(Sampler):
@@ -494,8 +503,8 @@ def val_loader(root, transform, batch_size, max_samples=None, rank=0, world=1, n
     ds = ImageFolderSafe(root, transform)
     n = len(ds) if max_samples is None else min(max_samples, len(ds))
     subset = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
-    return DataLoader(ds, sampler=_Fixed(subset[rank::world]), batch_size=batch_size,
-                      collate_fn=collate_drop_bad, num_workers=num_workers, worker_init_fn=worker_init())
+    return SigtermSafeLoader(ds, sampler=_Fixed(subset[rank::world]), batch_size=batch_size,
+                       collate_fn=collate_drop_bad, num_workers=num_workers)
 
 
 # ----------------------------------------------------------------------------- on the device
@@ -909,9 +918,8 @@ class WebLoader:
                        self.uint8, self.decode_kw)
         # its own generator: starting the DataLoader draws a seed, which must not come from torch's global
         # RNG (train.py seeds it per step, and a resumed run starts this iterator at another step)
-        dl = DataLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                        persistent_workers=False, worker_init_fn=worker_init() if self.num_workers > 0 else None,
-                        generator=torch.Generator().manual_seed(self.seed))
+        dl = SigtermSafeLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                         persistent_workers=False, generator=torch.Generator().manual_seed(self.seed))
         for x, texts, keys, labels, meta in dl:
             state = json.loads(meta['state'])
             prev = self.streams.get(meta['stream'], new_stream_state())['skipped']

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import numpy as np
@@ -125,19 +126,32 @@ def _children():
     return out
 
 
+def _sigterm_new_children(before, n, found):
+    """SIGTERM each new child process the moment it appears, until n have been hit."""
+    deadline = time.time() + 30
+    while len(found) < n and time.time() < deadline:
+        for pid in set(_children()) - before - set(found):
+            os.kill(pid, signal.SIGTERM)
+            found.append(pid)
+
+
 def test_workers_ignore_sigterm(folder, shards):
     """SIGTERM to the workers (as a process-group kill sends it) must not stop the loader:
-    the trainer handles SIGTERM by checkpointing, and needs its data to get there."""
+    the trainer handles SIGTERM by checkpointing, and needs its data to get there. Each worker
+    gets it the moment it is forked, before it has run a line of Python, and again once a
+    batch has come."""
     tf = data.train_transform(16)
-    loaders = [lambda: data.image_folder_loader(folder, tf, 4, num_workers=2),
+    loaders = [lambda: iter(data.image_folder_loader(folder, tf, 4, num_workers=2)),
                lambda: iter(data.web_loader(shards, 8, 2, num_workers=2, shuffle_buffer=2)),
-               lambda: data.val_loader(folder, data.val_transform(16), 2, num_workers=2)]
+               lambda: iter(data.val_loader(folder, data.val_transform(16), 2, num_workers=2))]
     for make in loaders:
-        before = set(_children())
-        it = iter(make())
+        workers = []
+        killer = threading.Thread(target=_sigterm_new_children, args=(set(_children()), 2, workers))
+        killer.start()
+        it = make()
         next(it)
-        workers = set(_children()) - before
-        assert len(workers) >= 2
+        killer.join()
+        assert len(workers) == 2
         for pid in workers:
             os.kill(pid, signal.SIGTERM)
         time.sleep(0.3)
