@@ -482,8 +482,8 @@ def image_folder_loader(root, transform, batch_size, rank=0, world=1, seed=0, st
     ds = ImageFolderSafe(root, transform, from_file=True)
     stream = SampleStream(len(ds), batch_size, rank, world, seed, start)
     return SigtermSafeLoader(ds, sampler=stream, batch_size=batch_size, collate_fn=collate_skip_bad,
-                       num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
+                             num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                             persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None)
 
 
 class _Fixed(Sampler):
@@ -504,7 +504,7 @@ def val_loader(root, transform, batch_size, max_samples=None, rank=0, world=1, n
     n = len(ds) if max_samples is None else min(max_samples, len(ds))
     subset = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].sort().values.tolist()
     return SigtermSafeLoader(ds, sampler=_Fixed(subset[rank::world]), batch_size=batch_size,
-                       collate_fn=collate_drop_bad, num_workers=num_workers)
+                             collate_fn=collate_drop_bad, num_workers=num_workers)
 
 
 # ----------------------------------------------------------------------------- on the device
@@ -919,7 +919,7 @@ class WebLoader:
         # its own generator: starting the DataLoader draws a seed, which must not come from torch's global
         # RNG (train.py seeds it per step, and a resumed run starts this iterator at another step)
         dl = SigtermSafeLoader(ds, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                         persistent_workers=False, generator=torch.Generator().manual_seed(self.seed))
+                               persistent_workers=False, generator=torch.Generator().manual_seed(self.seed))
         for x, texts, keys, labels, meta in dl:
             state = json.loads(meta['state'])
             prev = self.streams.get(meta['stream'], new_stream_state())['skipped']
