@@ -255,7 +255,7 @@ def bench_loader(quick):
     root = datalib.ensure_demo()
     tf = datalib.train_transform(16, (1.0, 1.0), True)
     out['demo_16px_img_s_per_worker'], out['demo_16px_img_s_per_core'] = _loader_rate(
-        datalib.image_folder_loader(os.path.join(root, 'train'), tf, 64, num_workers=1), 2048 if quick else 8192)
+        lambda: datalib.image_folder_loader(os.path.join(root, 'train'), tf, 64, num_workers=1), 2048 if quick else 8192)
     n = 256 if quick else 1024
     with tempfile.TemporaryDirectory() as tmp:
         tree = photo_tree(os.path.join(tmp, 'tree'), 128 if quick else 512)
@@ -263,23 +263,25 @@ def bench_loader(quick):
                                      '--workers', '1'])
         for size in (112, 224):
             pipelines = {
-                'today_torchvision': _folder_loader(tree, T.Compose([
+                'today_torchvision': lambda: _folder_loader(tree, T.Compose([
                     T.RandomResizedCrop(size, (0.08, 1.0), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
                     T.RandomHorizontalFlip(), T.RandAugment(2, 9), T.ToTensor()]), 32),
-                'full_decode_mae_float32': _folder_loader(tree, full_decode_mae(size), 32),
-                'new_folder': datalib.image_folder_loader(tree, datalib.train_transform(size, auto_augment=MAE_AA), 32,
-                                                          num_workers=1),
-                'new_shards': datalib.web_loader(manifest['pattern'], size, 32, num_workers=1, shuffle_buffer=256,
-                                                 labelled=True, uint8=True, scale=(0.08, 1.0), auto_augment=MAE_AA),
+                'full_decode_mae_float32': lambda: _folder_loader(tree, full_decode_mae(size), 32),
+                'new_folder': lambda: datalib.image_folder_loader(
+                    tree, datalib.train_transform(size, auto_augment=MAE_AA), 32, num_workers=1),
+                'new_shards': lambda: datalib.web_loader(manifest['pattern'], size, 32, num_workers=1, shuffle_buffer=256,
+                                                         labelled=True, uint8=True, scale=(0.08, 1.0),
+                                                         auto_augment=MAE_AA),
             }
-            for name, loader in pipelines.items():
-                out[f'{name}_{size}px_img_s_per_worker'], out[f'{name}_{size}px_img_s_per_core'] = _loader_rate(loader, n)
+            for name, make_loader in pipelines.items():
+                out[f'{name}_{size}px_img_s_per_worker'], out[f'{name}_{size}px_img_s_per_core'] = \
+                    _loader_rate(make_loader, n)
             out[f'speedup_{size}'] = out[f'new_folder_{size}px_img_s_per_core'] / out[f'full_decode_mae_float32_{size}px_img_s_per_core']
             out[f'speedup_vs_today_{size}'] = out[f'new_folder_{size}px_img_s_per_core'] / out[f'today_torchvision_{size}px_img_s_per_core']
         for size in (112, 84):  # the web stages' recipe (CLIPA: crop scale (0.9, 1), no RandAugment), same shards
             out[f'web_recipe_shards_{size}px_img_s_per_worker'], out[f'web_recipe_shards_{size}px_img_s_per_core'] = \
-                _loader_rate(datalib.web_loader(manifest['pattern'], size, 32, num_workers=1, shuffle_buffer=256,
-                                                labelled=True, uint8=True, scale=(0.9, 1.0)), n)
+                _loader_rate(lambda: datalib.web_loader(manifest['pattern'], size, 32, num_workers=1, shuffle_buffer=256,
+                                                        labelled=True, uint8=True, scale=(0.9, 1.0)), n)
         out.update(decode_floor(tree, 112))
         # the most any JPEG pipeline with this augmentation could gain over a worker of the old one
         out['speedup_bound_112'] = 1e3 / out['full_decode_mae_float32_112px_img_s_per_core'] / (
@@ -357,16 +359,20 @@ def _cpu_seconds(pids):
     return total
 
 
-def _loader_rate(loader, n):
+def _loader_rate(make_loader, n):
     """(images/s of wall time, images per CPU-second of the worker): with one worker the second
-    is the per-core rate even when other processes share the cores."""
-    it = iter(loader)
+    is the per-core rate even when other processes share the cores. Only this loader's own worker
+    is billed, and it is shut down before the next loader starts: a worker left alive goes on
+    prefetching, and its CPU time would be counted against the next loader's images."""
+    before = set(_children())
+    it = iter(make_loader())
     next(it)  # worker start-up
-    workers = _children()
+    workers = set(_children()) - before
     t0, c0, seen = time.perf_counter(), _cpu_seconds(workers), 0
     while seen < n:
         seen += len(next(it)[0])
     wall, cpu = time.perf_counter() - t0, _cpu_seconds(workers) - c0
+    del it  # the last reference to the loader: its worker is stopped and joined
     return seen / wall, (seen / cpu if cpu > 0 else float('nan'))
 
 

@@ -6,4 +6,4 @@ init_from = 'out/advxl_convnext_l_laion'
 model = 'convnext_large'
 drop_path_rate = 0.3              # ConvNeXt (Liu et al. 2022) fine-tuning: 0.3 for L
 micro_batch_size = 128
-num_workers = 4                      # loader workers per GPU: ~630 img/s per H100 / one core's rate (ImageFolder at 224 px; README, Input pipeline)
+num_workers = 3                      # loader workers per GPU: ~630 img/s per H100 / one core's rate (ImageFolder at 224 px; README, Input pipeline)

@@ -7,4 +7,4 @@ img_size = 84                     # 6x6 patches of 14 px
 pgd_steps = 2
 pgd_step_size = 3 / 255           # paper Table 1b: step 3/255 with 2 steps
 grad_ckpt = False                 # micro 512 fits without it: 39 GiB (dry run)
-num_workers = 3                      # loader workers per GPU: ~1,190 img/s per H100 at 84 px / one core's rate (shards at 112 px; README, Input pipeline)
+num_workers = 2                      # loader workers per GPU: ~1,190 img/s per H100 at 84 px / one core's rate (shards at 112 px; README, Input pipeline)

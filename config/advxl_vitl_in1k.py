@@ -4,4 +4,4 @@ exec(open('config/advxl_vitb_in1k.py').read())
 out_dir = 'out/advxl_vitl_in1k'
 model = 'vit_large_patch16'
 drop_path_rate = 0.2              # MAE: 0.2 for ViT-L/H
-num_workers = 5                      # loader workers per GPU: ~2,550 img/s per H100 / one core's rate (shards at 112 px; README, Input pipeline)
+num_workers = 4                      # loader workers per GPU: ~2,550 img/s per H100 / one core's rate (shards at 112 px; README, Input pipeline)

@@ -1,4 +1,5 @@
-"""bench.py's pieces on CPU: the peer is the same network, the steps train, the CUDA row's code runs."""
+"""bench.py's pieces on CPU: the peer is the same network, the steps train, the CUDA row's code runs,
+the loader rate measures one loader's own worker."""
 import pytest
 import torch
 
@@ -59,3 +60,18 @@ def test_autoattack_row_reads_the_official_log():
         # (the official log rounds to 0.1 s)
         assert round(ours, 2) == official and 0 <= official_s <= r['official_s'] + 0.05 and 0 <= ours_s <= r['ours_s']
     bench.print_tables({'info': dict(date='-', gpu=None, cpu_threads=1, quick=True), 'autoattack': {'t': r}})
+
+
+def test_loader_rate_bills_only_its_own_worker_and_stops_it():
+    """A loader left alive elsewhere (its worker idle or prefetching) is neither billed nor
+    stopped; the measured loader's worker is gone when the rate comes back."""
+    import os
+    import data
+    train = os.path.join(data.ensure_demo(), 'train')
+    make = lambda: data.image_folder_loader(train, data.train_transform(16), 16, num_workers=1)  # noqa: E731
+    other = iter(make())
+    next(other)
+    alive = set(bench._children())
+    assert len(alive) == 1
+    wall, core = bench._loader_rate(make, 128)
+    assert wall > 0 and core > 0 and set(bench._children()) == alive
