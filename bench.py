@@ -233,10 +233,10 @@ def full_decode_mae(size):
                       T.RandomHorizontalFlip(), datalib._rand_augment(MAE_AA, size, 'bilinear'), T.ToTensor()])
 
 
-def _folder_loader(root, transform, batch_size, from_file=False):
-    """A one-worker ImageFolder loader as data.image_folder_loader builds it, any transform."""
+def _folder_loader(root, transform, batch_size):
+    """A one-worker ImageFolder loader as data.image_folder_loader builds it, for a transform of PIL images."""
     from torch.utils.data import DataLoader
-    ds = datalib.ImageFolderSafe(root, transform, from_file=from_file)
+    ds = datalib.ImageFolderSafe(root, transform)
     return DataLoader(ds, sampler=datalib.SampleStream(len(ds), batch_size), batch_size=batch_size,
                       collate_fn=datalib.collate_skip_bad, num_workers=1, persistent_workers=True, prefetch_factor=4)
 
@@ -336,12 +336,13 @@ def pillow_build():
         return f'Pillow {PIL.__version__}'
 
 
-def _children():
-    me, out = str(os.getpid()), []
+def child_pids(parent=None):
+    """The pids of the children of `parent` (default: this process), from Linux's /proc."""
+    me, out = str(parent or os.getpid()), []
     for pid in filter(str.isdigit, os.listdir('/proc')):
         try:
-            if open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[1] == me:
-                out.append(pid)
+            if open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[1] == me:  # field 4: the parent
+                out.append(int(pid))
         except OSError:
             pass
     return out
@@ -364,10 +365,10 @@ def _loader_rate(make_loader, n):
     is the per-core rate even when other processes share the cores. Only this loader's own worker
     is billed, and it is shut down before the next loader starts: a worker left alive goes on
     prefetching, and its CPU time would be counted against the next loader's images."""
-    before = set(_children())
+    before = set(child_pids())
     it = iter(make_loader())
     next(it)  # worker start-up
-    workers = set(_children()) - before
+    workers = set(child_pids()) - before
     t0, c0, seen = time.perf_counter(), _cpu_seconds(workers), 0
     while seen < n:
         seen += len(next(it)[0])

@@ -392,8 +392,7 @@ class SampleStream(Sampler):
 # - the crop box is drawn from the header's size (Image.open reads only the header), with timm's
 #   own get_params, so the box distribution is timm's exactly (tested on fixed seeds);
 # - the JPEG is decoded with DCT scaling (Image.draft) at the largest 1/2^k that keeps the box at
-#   least S px on each side (112 px crops of 500x375 photos: 1/2 for about two thirds of the
-#   boxes, full scale for the rest);
+#   least S px on each side;
 # - the box, mapped into the reduced image, is resized to S x S in one anti-aliased PIL resize;
 # - flip, then timm's RandAugment on the small image (timm's order), then uint8 out: workers
 #   hand 1/4 of float32's bytes to shared memory and pinning, to_device() makes floats on the GPU.
@@ -647,8 +646,8 @@ def _skip(f, n):  # read, not seek: a truncated shard must still fail here
 def tar_members(f):
     """(name, read) for each regular file of an uncompressed tar stream (ustar, GNU or pax
     format); read() returns the member's bytes, and a member not read is skipped. tarfile
-    parses every field of every header in Python, a tenth of a loader worker's time at 112 px;
-    this reads only the fields a shard needs, and still checks every header's checksum."""
+    parses every field of every header in Python; this reads only the fields a shard needs,
+    and still checks every header's checksum."""
     long_name = None
     while True:
         h = f.read(512)
@@ -864,10 +863,10 @@ class WebLoader:
     """Endless batches WebBatch(image (B,3,S,S) in [0,1], or uint8 with uint8=True, text
     list[str], key list[str], label LongTensor or None) for this rank. labelled=True reads
     labelled shards (.cls required, no caption needed: text is ''); otherwise a caption is
-    required. decode_kw: decode_sample's (scale, ratio, hflip, auto_augment, interpolation). Counts exactly what it yields (`samples`,
-    `batches`) and what it skipped (`skipped`: totals over this rank's streams;
-    `skipped_last`: in the latest batch), and `state_dict()` restores the stream exactly
-    (see the module docstring). Iterating again continues from the current state."""
+    required. decode_kw: decode_sample's (scale, ratio, hflip, auto_augment, interpolation).
+    Counts exactly what it yields (`samples`, `batches`) and what it skipped (`skipped`: totals
+    over this rank's streams; `skipped_last`: in the latest batch), and `state_dict()` restores
+    the stream exactly (see the module docstring). Iterating again continues from the current state."""
 
     def __init__(self, pattern, img_size, batch_size, rank=0, world_size=1, seed=0, num_workers=2,
                  shuffle_buffer=1000, state=None, train=True, uint8=False, pin_memory=False, **decode_kw):

@@ -71,7 +71,7 @@ def test_loader_rate_bills_only_its_own_worker_and_stops_it():
     make = lambda: data.image_folder_loader(train, data.train_transform(16), 16, num_workers=1)  # noqa: E731
     other = iter(make())
     next(other)
-    alive = set(bench._children())
+    alive = set(bench.child_pids())
     assert len(alive) == 1
     wall, core = bench._loader_rate(make, 128)
-    assert wall > 0 and core > 0 and set(bench._children()) == alive
+    assert wall > 0 and core > 0 and set(bench.child_pids()) == alive

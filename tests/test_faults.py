@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import checkpoint
+from bench import child_pids
 from checkpoint import checkpoint_files, read_checkpoint
 from test_train import ENV, ROOT, args_for, folder, run, run2  # noqa: F401 (folder is a fixture)
 from test_train import torchrun as torchrun_cmd
@@ -37,15 +38,12 @@ def newest_samples(out):
 def worker_pids(parent):
     """The train.py processes torchrun started (children of its agent)."""
     pids = []
-    for p in os.listdir('/proc'):
-        if p.isdigit():
-            try:
-                stat = open(f'/proc/{p}/stat').read()
-                cmd = open(f'/proc/{p}/cmdline').read()
-            except OSError:
-                continue
-            if int(stat.rsplit(')', 1)[1].split()[1]) == parent and 'train.py' in cmd:
-                pids.append(int(p))
+    for p in child_pids(parent):
+        try:
+            if 'train.py' in open(f'/proc/{p}/cmdline').read():
+                pids.append(p)
+        except OSError:
+            continue
     return sorted(pids)
 
 

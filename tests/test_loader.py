@@ -23,6 +23,7 @@ from timm.data.transforms import RandomResizedCropAndInterpolation
 
 import data
 import make_shards
+from bench import child_pids
 from test_clip_head import _write_shard as write_shard  # one tar writer for the tests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,23 +115,11 @@ def test_merge_states_prefers_the_owner():
 
 
 # -------------------------------------------------------------------- issue 13: SIGTERM
-def _children():
-    me, out = str(os.getpid()), []
-    for pid in filter(str.isdigit, os.listdir('/proc')):
-        try:
-            stat = open(f'/proc/{pid}/stat').read()
-        except OSError:
-            continue
-        if stat.rsplit(')', 1)[1].split()[1] == me:  # field 4: the parent's pid
-            out.append(int(pid))
-    return out
-
-
 def _sigterm_new_children(before, n, found):
     """SIGTERM each new child process the moment it appears, until n have been hit."""
     deadline = time.time() + 30
     while len(found) < n and time.time() < deadline:
-        for pid in set(_children()) - before - set(found):
+        for pid in set(child_pids()) - before - set(found):
             os.kill(pid, signal.SIGTERM)
             found.append(pid)
 
@@ -146,7 +135,7 @@ def test_workers_ignore_sigterm(folder, shards):
                lambda: iter(data.val_loader(folder, data.val_transform(16), 2, num_workers=2))]
     for make in loaders:
         workers = []
-        killer = threading.Thread(target=_sigterm_new_children, args=(set(_children()), 2, workers))
+        killer = threading.Thread(target=_sigterm_new_children, args=(set(child_pids()), 2, workers))
         killer.start()
         it = make()
         next(it)
