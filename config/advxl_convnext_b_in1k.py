@@ -7,4 +7,4 @@ exec(open('config/advxl_vitb_in1k.py').read())
 out_dir = 'out/advxl_convnext_b_in1k'
 model = 'convnext_base'
 # drop_path_rate stays the ViT-B recipe's 0.1 (same recipe); ConvNeXt's own paper uses 0.5 for B
-num_workers = 14                     # loader workers per GPU: ~10,400 img/s per H100 / one core's rate (shards at 112 px; README, Input pipeline)
+num_workers = 15                     # loader workers per GPU: ~10,400 img/s per H100 / one core's rate (shards at 112 px; README, Input pipeline)

@@ -6,4 +6,4 @@ init_from = 'out/advxl_convnext_b_in1k'
 model = 'convnext_base'
 drop_path_rate = 0.2              # ConvNeXt (Liu et al. 2022) fine-tuning: 0.2 for B (0.3 for L)
 micro_batch_size = 128
-num_workers = 5                      # loader workers per GPU: ~1,410 img/s per H100 / one core's rate (ImageFolder at 224 px; README, Input pipeline)
+num_workers = 6                      # loader workers per GPU: ~1,410 img/s per H100 / one core's rate (ImageFolder at 224 px; README, Input pipeline)

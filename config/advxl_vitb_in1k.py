@@ -41,7 +41,7 @@ val_crop_pct = 0.9                # validation as the official AdvXL evaluation:
 val_interpolation = 'bicubic'     # then center crop S (eval_autoattack.py's default)
 
 # bookkeeping
-num_workers = 12                  # loader workers per GPU: ~9,000 img/s per H100 / ~940 per core from shards, +20% (README, Input pipeline)
+num_workers = 13                  # loader workers per GPU: ~9,000 img/s per H100 / ~870 per core from shards, +20% (README, Input pipeline)
 log_every = 409_600
 eval_every = 12_800_000           # 10 epochs
 eval_samples = 10_000

@@ -40,7 +40,7 @@ ema_decay = 0.0
 val_crop_pct = 0.9                # zero-shot validation as the official AdvXL evaluation (eval_autoattack.py)
 val_interpolation = 'bicubic'
 
-num_workers = 3                   # loader workers per GPU: ~2,550 img/s per H100 / one core's rate (web recipe, shards at 112 px; README, Input pipeline)
+num_workers = 4                   # loader workers per GPU: ~2,550 img/s per H100 / one core's rate (web recipe, shards at 112 px; README, Input pipeline)
 log_every = 3_276_800
 eval_every = 128_000_000
 eval_samples = 10_000
