@@ -23,6 +23,7 @@ the input-only backward); forward = model.flops() (multiply-accumulates) x 2.
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import statistics
@@ -292,26 +293,32 @@ def bench_loader(quick):
 
 def decode_floor(tree, size, repeats=3):
     """Per-image CPU ms, in this process, of what bounds any JPEG pipeline with the same
-    augmentation: decoding at 1/8 scale (libjpeg still entropy-decodes every coefficient, so no
-    DCT scaling goes below it) and timm's RandAugment at `size`; and both whole pipelines (one
-    thread, as in a loader worker)."""
+    augmentation: decoding at 1/8 scale down to the crop's last row (libjpeg still
+    entropy-decodes every coefficient above it, so no DCT scaling goes below that) and timm's
+    RandAugment at `size`; and both whole pipelines (one thread, as in a loader worker)."""
     import io
     from PIL import Image
+    from timm.data.transforms import RandomResizedCropAndInterpolation
     paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(tree) for f in fs)
     blobs = [open(p, 'rb').read() for p in paths]
     ra = datalib._rand_augment(MAE_AA, size, 'bilinear')
     small = [Image.open(io.BytesIO(b)).convert('RGB').resize((size, size)) for b in blobs]
     old = full_decode_mae(size)
 
-    def entropy_floor(b):
-        im = Image.open(io.BytesIO(b))
+    def entropy_floor(i):  # the crop load_train_image(blobs[i], i, ...) draws
+        datalib.seed_sample(i)
+        im = Image.open(io.BytesIO(blobs[i]))
+        top, _, h, _ = RandomResizedCropAndInterpolation.get_params(im, (0.08, 1.0), (3 / 4, 4 / 3))
+        height = im.height
         im.draft('RGB', (im.width // 8, im.height // 8))
-        im.load()
+        datalib.load_rows(im, math.ceil((top + h) * im.height / height))
 
     cases = {'full_decode_mae_float32': lambda i: old(Image.open(io.BytesIO(blobs[i])).convert('RGB')),
              'new': lambda i: datalib.load_train_image(blobs[i], i, size, auto_augment=MAE_AA),
+             # the same without the stop at the crop's last row: a byte after the end marker decodes it whole
+             'new_whole_file': lambda i: datalib.load_train_image(blobs[i] + b'\0', i, size, auto_augment=MAE_AA),
              'decode_full': lambda i: Image.open(io.BytesIO(blobs[i])).load(),
-             'decode_eighth': lambda i: entropy_floor(blobs[i]),
+             'decode_eighth': entropy_floor,
              'rand_augment': lambda i: ra(small[i])}
     ms, threads = {k: [] for k in cases}, torch.get_num_threads()
     torch.set_num_threads(1)  # as in a loader worker: ToTensor's small ops would otherwise spin a thread pool
@@ -633,8 +640,8 @@ def print_tables(res):
               f"pipeline {L['speedup_vs_today_112']:.2f} / {L['speedup_vs_today_224']:.2f}), "
               f"loader_img_s_per_core_112_shards = {L['new_shards_112px_img_s_per_core']:.0f}")
         print("in-process ms per image at 112 px: " + ', '.join(
-            f"{k} {L[f'ms_{k}_112px']:.3f}" for k in ('full_decode_mae_float32', 'new', 'decode_full', 'decode_eighth',
-                                                       'rand_augment'))
+            f"{k} {L[f'ms_{k}_112px']:.3f}" for k in ('full_decode_mae_float32', 'new', 'new_whole_file', 'decode_full',
+                                                       'decode_eighth', 'rand_augment'))
               + f"; loader_speedup_112_bound = {L['speedup_bound_112']:.2f}")
     if 'two_stage' in res:
         t = res['two_stage']

@@ -392,7 +392,7 @@ class SampleStream(Sampler):
 # - the crop box is drawn from the header's size (Image.open reads only the header), with timm's
 #   own get_params, so the box distribution is timm's exactly (tested on fixed seeds);
 # - the JPEG is decoded with DCT scaling (Image.draft) at the largest 1/2^k that keeps the box at
-#   least S px on each side;
+#   least S px on each side, and only down to the box's last row (load_rows);
 # - the box, mapped into the reduced image, is resized to S x S in one anti-aliased PIL resize;
 # - flip, then timm's RandAugment on the small image (timm's order), then uint8 out: workers
 #   hand 1/4 of float32's bytes to shared memory and pinning, to_device() makes floats on the GPU.
@@ -427,25 +427,48 @@ def draft_scale(box_w, box_h, img_size):
     return k
 
 
+JPEG_END = b'\xff\xd9'  # the EOI marker that ends every complete JPEG file
+
+
+def load_rows(im, rows):
+    """Decode only the first `rows` rows of an opened JPEG (drafted or not): libjpeg stops
+    there, so the rows below a crop are never entropy-decoded. Other images load whole.
+    A fatal libjpeg error inside those rows looks the same and passes (rare: libjpeg decodes
+    through corrupt data with a warning, which Pillow ignores in a full decode too)."""
+    if im.format != 'JPEG' or rows >= im.height or len(im.tile) != 1:
+        return im.load()
+    im.tile = [im.tile[0]._replace(extents=(0, 0, im.width, rows))]
+    try:
+        im.load()
+    except OSError as e:  # libjpeg reports the unread rows as a broken stream once ours are decoded
+        if 'broken data stream' not in str(e):
+            raise
+
+
 def load_train_image(src, seed, img_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, auto_augment='',
                      interpolation='bilinear'):
     """Image file path or bytes -> uint8 (3, img_size, img_size) tensor: random resized crop
     (timm's distribution), horizontal flip with probability hflip, timm RandAugment
     (`auto_augment`, e.g. MAE's 'rand-m9-mstd0.5-inc1'; '' = none). Deterministic in seed."""
     seed_sample(seed)
-    im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src)
+    if not isinstance(src, (bytes, bytearray)):
+        with open(src, 'rb') as f:
+            src = f.read()
+    im = Image.open(io.BytesIO(src))
     top, left, h, w = RandomResizedCropAndInterpolation.get_params(im, scale, ratio)  # header only, no decoding
     k = draft_scale(w, h, img_size) if im.format == 'JPEG' else 1
     if k > 1:
         width = im.width
         drafted = im.draft('RGB', (im.width // k, im.height // k))  # (mode, the full image in reduced pixels)
         k = width / drafted[1][2] if drafted else 1  # the scale the decoder will use
-    if im.mode != 'RGB':  # convert('RGB') of an RGB image would copy it
-        im = im.convert('RGB')
     # crop first, then resize, as timm does: the filter sees only the crop (clamped at its edges);
     # in a reduced image the box has fractional edges: crop the pixels it touches, resize the rest
     l, t, r, b = left / k, top / k, (left + w) / k, (top + h) / k
     x0, y0 = math.floor(l), math.floor(t)
+    if src.endswith(JPEG_END):  # a file cut short is decoded whole, so it fails on every crop, not some
+        load_rows(im, math.ceil(b))
+    if im.mode != 'RGB':  # convert('RGB') of an RGB image would copy it
+        im = im.convert('RGB')
     im = im.crop((x0, y0, math.ceil(r), math.ceil(b)))
     im = im.resize((img_size, img_size), RESAMPLE[interpolation], box=(l - x0, t - y0, r - x0, b - y0))
     if random.random() < hflip:

@@ -217,6 +217,43 @@ def test_draft_decoding_is_close_to_full_decoding():
     assert np.mean(scales > 1) > 0.5 and scales.max() >= 4
 
 
+def test_decoding_stops_at_the_crops_bottom_row():
+    """load_rows makes libjpeg stop at the crop's last row: the rows below stay undecoded (zero),
+    the rows above are the full decode's. The training transform's output is bitwise the one
+    from decoding the whole file (a trailing byte after the end marker forces that), on 4:2:0
+    colour, grayscale, progressive and CMYK JPEGs, drafted or not. A file cut short is decoded
+    whole, so it fails on every crop, also on crops that lie above the cut."""
+    b = jpeg_bytes(photo(20))
+    full = np.asarray(Image.open(io.BytesIO(b)).convert('RGB'))
+    im = Image.open(io.BytesIO(b))
+    data.load_rows(im, 100)
+    part = np.asarray(im)
+    assert np.array_equal(part[:100], full[:100]) and part[100:].max() == 0 and full[100:].min(axis=1).max() > 0
+    im = Image.open(io.BytesIO(b))
+    im.draft('RGB', (125, 93))  # 1/4 scale, as load_train_image asks for it
+    data.load_rows(im, 30)
+    assert im.size == (125, 94) and np.asarray(im)[:30].min(axis=1).max() > 0 and np.asarray(im)[30:].max() == 0
+    progressive, cmyk = io.BytesIO(), io.BytesIO()
+    photo(22).save(progressive, 'JPEG', quality=90, progressive=True)
+    photo(23).convert('CMYK').save(cmyk, 'JPEG', quality=90)  # some ImageNet files are CMYK
+    gray = jpeg_bytes(photo(21, (375, 500)).convert('L'))
+    stopped = []
+    for src in (b, gray, progressive.getvalue(), cmyk.getvalue()):
+        for S in (32, 112):
+            for seed in range(20):
+                x = data.load_train_image(src, seed, S, auto_augment=MAE_AA)
+                assert torch.equal(x, data.load_train_image(src + b'\0', seed, S, auto_augment=MAE_AA)), (S, seed)
+                data.seed_sample(seed)
+                top, _, h, _ = RandomResizedCropAndInterpolation.get_params(Image.open(io.BytesIO(src)), (0.08, 1.0),
+                                                                           (3 / 4, 4 / 3))
+                stopped.append(top + h < Image.open(io.BytesIO(src)).height)
+    assert np.mean(stopped) > 0.8  # most crops end above the last row: the stop is exercised
+    cut = b[:len(b) * 2 // 3]
+    for seed in range(20):
+        with pytest.raises(OSError, match='truncated'):
+            data.load_train_image(cut, seed, 32)
+
+
 def test_train_transform_uint8_and_mae_augmentation():
     b = jpeg_bytes(photo(3))
     tf = data.train_transform(48, auto_augment=MAE_AA)
