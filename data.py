@@ -436,7 +436,8 @@ def load_rows(im, rows):
     A fatal libjpeg error inside those rows looks the same and passes (rare: libjpeg decodes
     through corrupt data with a warning, which Pillow ignores in a full decode too)."""
     if im.format != 'JPEG' or rows >= im.height or len(im.tile) != 1:
-        return im.load()
+        im.load()
+        return
     im.tile = [im.tile[0]._replace(extents=(0, 0, im.width, rows))]
     try:
         im.load()
