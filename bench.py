@@ -38,9 +38,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data as datalib
+import augment
+import data
+import decode
+import demo_data
 import eval_autoattack as ea
 import memplan
+import webdata
 from attack import pgd
 from model import IMAGENET_MEAN, IMAGENET_STD, PRESETS, create_model
 
@@ -85,7 +89,7 @@ def ours_step(name, img_size, steps, batch, device, compiled=False, dtype=None, 
     fast = torch.compile(model) if compiled else model
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else torch.autocast(device.type, enabled=False)
     x = torch.rand(batch, 3, img_size, img_size, device=device)
-    targets = datalib.soft_targets(torch.randint(0, nc, (batch,), device=device), nc, 0.1)
+    targets = augment.soft_targets(torch.randint(0, nc, (batch,), device=device), nc, 0.1)
     step_size = attack_step_size(steps)
 
     def step():
@@ -231,32 +235,32 @@ def full_decode_mae(size):
     from timm.data.transforms import RandomResizedCropAndInterpolation
     from torchvision import transforms as T
     return T.Compose([RandomResizedCropAndInterpolation(size, (0.08, 1.0), interpolation='bilinear'),
-                      T.RandomHorizontalFlip(), datalib._rand_augment(MAE_AA, size, 'bilinear'), T.ToTensor()])
+                      T.RandomHorizontalFlip(), decode._rand_augment(MAE_AA, size, 'bilinear'), T.ToTensor()])
 
 
 def _folder_loader(root, transform, batch_size):
     """A one-worker ImageFolder loader as data.image_folder_loader builds it, for a transform of PIL images."""
     from torch.utils.data import DataLoader
-    ds = datalib.ImageFolderSafe(root, transform)
-    return DataLoader(ds, sampler=datalib.SampleStream(len(ds), batch_size), batch_size=batch_size,
-                      collate_fn=datalib.collate_skip_bad, num_workers=1, persistent_workers=True, prefetch_factor=4)
+    ds = data.ImageFolderSafe(root, transform)
+    return DataLoader(ds, sampler=data.SampleStream(len(ds), batch_size), batch_size=batch_size,
+                      collate_fn=data.collate_skip_bad, num_workers=1, persistent_workers=True, prefetch_factor=4)
 
 
 def bench_loader(quick):
     """Images per second of one loader worker's CPU time (per core; also per second of wall
     time, which other processes on the machine lower) on real photographs, MAE augmentation:
-    today's pipeline before issue 14 (full decode, torchvision RandomResizedCrop + RandAugment
-    2/9, float32), the same full decode with the MAE recipe's timm augmentation (float32), and
-    the new one (decode only what the crop needs, timm augmentation, uint8) from the ImageFolder
+    a torchvision baseline (full decode, torchvision RandomResizedCrop + RandAugment 2/9,
+    float32), the same full decode with the MAE recipe's timm augmentation (float32), and
+    ours (decode only what the crop needs, timm augmentation, uint8) from the ImageFolder
     tree and from pre-resized labelled shards (make_shards.py, max side 256). Workers needed
     per GPU = the stage's training img/s per GPU / these rates."""
     from torchvision import transforms as T
     import make_shards
     out = {}
-    root = datalib.ensure_demo()
-    tf = datalib.train_transform(16, (1.0, 1.0), True)
+    root = demo_data.ensure_demo()
+    tf = decode.train_transform(16, (1.0, 1.0), True)
     out['demo_16px_img_s_per_worker'], out['demo_16px_img_s_per_core'] = _loader_rate(
-        lambda: datalib.image_folder_loader(os.path.join(root, 'train'), tf, 64, num_workers=1), 2048 if quick else 8192)
+        lambda: data.image_folder_loader(os.path.join(root, 'train'), tf, 64, num_workers=1), 2048 if quick else 8192)
     n = 256 if quick else 1024
     with tempfile.TemporaryDirectory() as tmp:
         tree = photo_tree(os.path.join(tmp, 'tree'), 128 if quick else 512)
@@ -264,13 +268,14 @@ def bench_loader(quick):
                                      '--workers', '1'])
         for size in (112, 224):
             pipelines = {
+                # the torchvision baseline; its bench.json key (and speedup_vs_today_*) is kept: docs name it
                 'today_torchvision': lambda: _folder_loader(tree, T.Compose([
                     T.RandomResizedCrop(size, (0.08, 1.0), interpolation=T.InterpolationMode.BILINEAR, antialias=True),
                     T.RandomHorizontalFlip(), T.RandAugment(2, 9), T.ToTensor()]), 32),
                 'full_decode_mae_float32': lambda: _folder_loader(tree, full_decode_mae(size), 32),
-                'new_folder': lambda: datalib.image_folder_loader(
-                    tree, datalib.train_transform(size, auto_augment=MAE_AA), 32, num_workers=1),
-                'new_shards': lambda: datalib.web_loader(manifest['pattern'], size, 32, num_workers=1, shuffle_buffer=256,
+                'new_folder': lambda: data.image_folder_loader(
+                    tree, decode.train_transform(size, auto_augment=MAE_AA), 32, num_workers=1),
+                'new_shards': lambda: webdata.web_loader(manifest['pattern'], size, 32, num_workers=1, shuffle_buffer=256,
                                                          labelled=True, uint8=True, scale=(0.08, 1.0),
                                                          auto_augment=MAE_AA),
             }
@@ -281,10 +286,10 @@ def bench_loader(quick):
             out[f'speedup_vs_today_{size}'] = out[f'new_folder_{size}px_img_s_per_core'] / out[f'today_torchvision_{size}px_img_s_per_core']
         for size in (112, 84):  # the web stages' recipe (CLIPA: crop scale (0.9, 1), no RandAugment), same shards
             out[f'web_recipe_shards_{size}px_img_s_per_worker'], out[f'web_recipe_shards_{size}px_img_s_per_core'] = \
-                _loader_rate(lambda: datalib.web_loader(manifest['pattern'], size, 32, num_workers=1, shuffle_buffer=256,
+                _loader_rate(lambda: webdata.web_loader(manifest['pattern'], size, 32, num_workers=1, shuffle_buffer=256,
                                                         labelled=True, uint8=True, scale=(0.9, 1.0)), n)
         out.update(decode_floor(tree, 112))
-        # the most any JPEG pipeline with this augmentation could gain over a worker of the old one
+        # the most any JPEG pipeline with this augmentation could gain over a full-decode baseline worker
         out['speedup_bound_112'] = 1e3 / out['full_decode_mae_float32_112px_img_s_per_core'] / (
             out['ms_decode_eighth_112px'] + out['ms_rand_augment_112px'])
     print('  loaders: ' + ', '.join(f'{k} {v:.2f}' for k, v in out.items()), flush=True)
@@ -301,22 +306,22 @@ def decode_floor(tree, size, repeats=3):
     from timm.data.transforms import RandomResizedCropAndInterpolation
     paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(tree) for f in fs)
     blobs = [open(p, 'rb').read() for p in paths]
-    ra = datalib._rand_augment(MAE_AA, size, 'bilinear')
+    ra = decode._rand_augment(MAE_AA, size, 'bilinear')
     small = [Image.open(io.BytesIO(b)).convert('RGB').resize((size, size)) for b in blobs]
-    old = full_decode_mae(size)
+    baseline = full_decode_mae(size)
 
     def entropy_floor(i):  # the crop load_train_image(blobs[i], i, ...) draws
-        datalib.seed_sample(i)
+        decode.seed_sample(i)
         im = Image.open(io.BytesIO(blobs[i]))
         top, _, h, _ = RandomResizedCropAndInterpolation.get_params(im, (0.08, 1.0), (3 / 4, 4 / 3))
         height = im.height
         im.draft('RGB', (im.width // 8, im.height // 8))
-        datalib.load_rows(im, math.ceil((top + h) * im.height / height))
+        decode.load_rows(im, math.ceil((top + h) * im.height / height))
 
-    cases = {'full_decode_mae_float32': lambda i: old(Image.open(io.BytesIO(blobs[i])).convert('RGB')),
-             'new': lambda i: datalib.load_train_image(blobs[i], i, size, auto_augment=MAE_AA),
+    cases = {'full_decode_mae_float32': lambda i: baseline(Image.open(io.BytesIO(blobs[i])).convert('RGB')),
+             'new': lambda i: decode.load_train_image(blobs[i], i, size, auto_augment=MAE_AA),
              # the same without the stop at the crop's last row: a byte after the end marker decodes it whole
-             'new_whole_file': lambda i: datalib.load_train_image(blobs[i] + b'\0', i, size, auto_augment=MAE_AA),
+             'new_whole_file': lambda i: decode.load_train_image(blobs[i] + b'\0', i, size, auto_augment=MAE_AA),
              'decode_full': lambda i: Image.open(io.BytesIO(blobs[i])).load(),
              'decode_eighth': entropy_floor,
              'rand_augment': lambda i: ra(small[i])}
@@ -636,8 +641,8 @@ def print_tables(res):
         print(f"| web recipe (crop (0.9, 1), no RandAugment), shards; 84 px in the 224 px column | "
               + ' | '.join(f"{L[f'web_recipe_shards_{s}px_img_s_per_core']:.0f} "
                            f"({L[f'web_recipe_shards_{s}px_img_s_per_worker']:.0f})" for s in (112, 84)) + " |")
-        print(f"\nloader_speedup_112 = {L['speedup_112']:.2f} (224 px: {L['speedup_224']:.2f}; vs today's torchvision "
-              f"pipeline {L['speedup_vs_today_112']:.2f} / {L['speedup_vs_today_224']:.2f}), "
+        print(f"\nloader_speedup_112 = {L['speedup_112']:.2f} (224 px: {L['speedup_224']:.2f}; vs the torchvision "
+              f"baseline {L['speedup_vs_today_112']:.2f} / {L['speedup_vs_today_224']:.2f}), "
               f"loader_img_s_per_core_112_shards = {L['new_shards_112px_img_s_per_core']:.0f}")
         print("in-process ms per image at 112 px: " + ', '.join(
             f"{k} {L[f'ms_{k}_112px']:.3f}" for k in ('full_decode_mae_float32', 'new', 'new_whole_file', 'decode_full',

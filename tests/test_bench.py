@@ -67,8 +67,10 @@ def test_loader_rate_bills_only_its_own_worker_and_stops_it():
     stopped; the measured loader's worker is gone when the rate comes back."""
     import os
     import data
-    train = os.path.join(data.ensure_demo(), 'train')
-    make = lambda: data.image_folder_loader(train, data.train_transform(16), 16, num_workers=1)  # noqa: E731
+    import decode
+    import demo_data
+    train = os.path.join(demo_data.ensure_demo(), 'train')
+    make = lambda: data.image_folder_loader(train, decode.train_transform(16), 16, num_workers=1)  # noqa: E731
     other = iter(make())
     next(other)
     alive = set(bench.child_pids())

@@ -7,38 +7,41 @@ import numpy as np
 import pytest
 import torch
 
+import augment
 import data
+import demo_data
+import webdata
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_demo_split_is_deterministic_balanced_and_captioned():
-    a, ya, ca = data.make_split(60, seed=3)
-    b, yb, cb = data.make_split(60, seed=3)
+    a, ya, ca = demo_data.make_split(60, seed=3)
+    b, yb, cb = demo_data.make_split(60, seed=3)
     assert np.array_equal(a, b) and np.array_equal(ya, yb) and ca == cb
-    assert not np.array_equal(a, data.make_split(60, seed=4)[0])
+    assert not np.array_equal(a, demo_data.make_split(60, seed=4)[0])
     assert np.bincount(ya, minlength=10).tolist() == [6] * 10
     assert a.shape == (60, 32, 32, 3) and a.dtype == np.uint8
     for y, c in zip(ya, ca):  # the caption names the class that was drawn, first and in the phrase
-        assert c.startswith(f'{data.DEMO_CLASSES[y]}: a ') and f' {data.DEMO_CLASSES[y]} on ' in c
+        assert c.startswith(f'{demo_data.DEMO_CLASSES[y]}: a ') and f' {demo_data.DEMO_CLASSES[y]} on ' in c
 
 
 def test_demo_cache_has_imagefolder_and_readable_shards(tmp_path):
-    root = data.ensure_demo(str(tmp_path / 'demo'), n_train=40, n_val=20, shard_size=16)
-    assert sorted(os.listdir(os.path.join(root, 'train'))) == sorted(data.DEMO_CLASSES)
+    root = demo_data.ensure_demo(str(tmp_path / 'demo'), n_train=40, n_val=20, shard_size=16)
+    assert sorted(os.listdir(os.path.join(root, 'train'))) == sorted(demo_data.DEMO_CLASSES)
     assert sum(len(f) for _, _, f in os.walk(os.path.join(root, 'val'))) == 20
-    loader = data.web_loader(os.path.join(root, 'shards', 'train-{0000..0002}.tar'), 16, 8, num_workers=0,
-                             shuffle_buffer=4)
+    loader = webdata.web_loader(os.path.join(root, 'shards', 'train-{0000..0002}.tar'), 16, 8, num_workers=0,
+                                shuffle_buffer=4)
     batch = next(iter(loader))
     assert batch.image.shape == (8, 3, 16, 16) and 0 <= batch.image.min() and batch.image.max() <= 1
     for y, text in zip(batch.label.tolist(), batch.text):
-        assert data.DEMO_CLASSES[y] in text
+        assert demo_data.DEMO_CLASSES[y] in text
     # label order = sorted folder names, also where the demo's is known without reading the disk
     classes = data.ImageFolderSafe(os.path.join(root, 'val'), None).classes
-    assert data.class_names(os.path.join(root, 'val')) == classes == sorted(data.DEMO_CLASSES)
-    assert data.class_names(os.path.join(data.DEMO_ROOT, 'val')) == classes != data.DEMO_CLASSES
+    assert data.class_names(os.path.join(root, 'val')) == classes == sorted(demo_data.DEMO_CLASSES)
+    assert data.class_names(os.path.join(demo_data.DEMO_ROOT, 'val')) == classes != demo_data.DEMO_CLASSES
     mtime = os.path.getmtime(os.path.join(root, 'DONE'))
-    data.ensure_demo(str(tmp_path / 'demo'), n_train=40, n_val=20, shard_size=16)  # cached: not rebuilt
+    demo_data.ensure_demo(str(tmp_path / 'demo'), n_train=40, n_val=20, shard_size=16)  # cached: not rebuilt
     assert os.path.getmtime(os.path.join(root, 'DONE')) == mtime
 
 
@@ -61,7 +64,7 @@ def test_sample_stream_shards_global_batches_across_ranks():
 
 
 def test_soft_targets_are_timms_smoothed_one_hot():
-    t = data.soft_targets(torch.arange(8) % 5, 5, smoothing=0.1)
+    t = augment.soft_targets(torch.arange(8) % 5, 5, smoothing=0.1)
     assert torch.allclose(t.sum(1), torch.ones(8)) and t.max() == pytest.approx(0.92)
     assert torch.equal(t.argmax(1), torch.arange(8) % 5)
     # (MixUp / CutMix: tests/test_loader.py, test_mix_batch_is_timms_mixup_seeded)

@@ -180,8 +180,8 @@ def test_sigterm_to_a_two_rank_job_checkpoints_within_two_steps(folder, tmp_path
 
 @pytest.mark.slow
 def test_web_stage_with_two_ranks_resumed_twice(tmp_path):
-    import data
-    root = data.ensure_demo(str(tmp_path / 'demo'), n_train=600, n_val=40, shard_size=100)
+    import demo_data
+    root = demo_data.ensure_demo(str(tmp_path / 'demo'), n_train=600, n_val=40, shard_size=100)
     args = ['config/demo_clip.py', f'--train_data={root}/shards/train-{{0000..0005}}.tar', f'--val_data={root}/val',
             '--batch_size=16', '--samples=640', '--log_every=64', '--ckpt_every=64', '--warmup_samples=64',
             '--eps_warmup=128', '--num_workers=2', '--shuffle_buffer=20', '--final_eval_samples=10',

@@ -21,8 +21,12 @@ from timm.data.auto_augment import RandAugment
 from timm.data.mixup import Mixup
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
+import augment
+import configurator
 import data
+import decode
 import make_shards
+import webdata
 from bench import child_pids
 from test_clip_head import _write_shard as write_shard  # one tar writer for the tests
 
@@ -78,29 +82,29 @@ def folder(tmp_path_factory):
     return str(root)
 
 
-# -------------------------------------------------------------------- issue 13: multi-rank resume
+# -------------------------------------------------------------------- exact multi-rank webdataset resume
 def test_webdataset_resume_twice_with_two_ranks_is_exact(shards):
     """2 ranks x 2 workers, resumed twice through state_dict -> merge_states -> new loaders:
-    the same batches (keys and image bytes) as an uninterrupted run. (Before the fix each rank
-    checkpointed every stream it had loaded, and a later rank's stale copies overwrote the
-    owners' fresh ones, so from the second resume on streams re-read data.)"""
+    the same batches (keys and image bytes) as an uninterrupted run. Each rank's state holds
+    only the streams it owns, so another rank's stale copy of a stream never replaces the
+    owner's fresh one and no stream re-reads data, from the second resume on too."""
     kw = dict(img_size=8, batch_size=2, world_size=2, seed=0, num_workers=2, shuffle_buffer=3)
     segments = (3, 3, 3)
     ref = {}
     for rank in range(2):
-        it = iter(data.web_loader(shards, rank=rank, **kw))
+        it = iter(webdata.web_loader(shards, rank=rank, **kw))
         ref[rank] = [next(it) for _ in range(sum(segments))]
     state, got = None, {0: [], 1: []}
     for n in segments:
         states = []
         for rank in range(2):
-            loader = data.web_loader(shards, rank=rank, state=state, **kw)
+            loader = webdata.web_loader(shards, rank=rank, state=state, **kw)
             it = iter(loader)
             got[rank] += [next(it) for _ in range(n)]
             del it
             states.append(loader.state_dict())
             assert all(int(g) // 2 == rank for g in states[-1]['streams'])  # only its own streams
-        state = data.merge_states(states[::-1] if len(got[0]) == 6 else states)  # order must not matter
+        state = webdata.merge_states(states[::-1] if len(got[0]) == 6 else states)  # order must not matter
     for rank in range(2):
         for a, b in zip(ref[rank], got[rank]):
             assert a.key == b.key and torch.equal(a.image, b.image)
@@ -111,10 +115,10 @@ def test_merge_states_prefers_the_owner():
     stale = {'layout': layout, 'base': 0, 'ranks': {1: {}}, 'streams': {0: 'stale', 1: 'stale', 2: 'fresh2', 3: 'fresh3'}}
     owner = {'layout': layout, 'base': 0, 'ranks': {'0': {}}, 'streams': {'0': 'fresh0', '1': 'fresh1'}}
     for states in ([owner, stale], [stale, owner]):
-        assert data.merge_states(states)['streams'] == {0: 'fresh0', 1: 'fresh1', 2: 'fresh2', 3: 'fresh3'}
+        assert webdata.merge_states(states)['streams'] == {0: 'fresh0', 1: 'fresh1', 2: 'fresh2', 3: 'fresh3'}
 
 
-# -------------------------------------------------------------------- issue 13: SIGTERM
+# -------------------------------------------------------------------- workers that ignore SIGTERM
 def _sigterm_new_children(before, n, found):
     """SIGTERM each new child process the moment it appears, until n have been hit."""
     deadline = time.time() + 30
@@ -129,9 +133,9 @@ def test_workers_ignore_sigterm(folder, shards):
     the trainer handles SIGTERM by checkpointing, and needs its data to get there. Each worker
     gets it the moment it is forked, before it has run a line of Python, and again once a
     batch has come."""
-    tf = data.train_transform(16)
+    tf = decode.train_transform(16)
     loaders = [lambda: iter(data.image_folder_loader(folder, tf, 4, num_workers=2)),
-               lambda: iter(data.web_loader(shards, 8, 2, num_workers=2, shuffle_buffer=2)),
+               lambda: iter(webdata.web_loader(shards, 8, 2, num_workers=2, shuffle_buffer=2)),
                lambda: iter(data.val_loader(folder, data.val_transform(16), 2, num_workers=2))]
     for make in loaders:
         workers = []
@@ -153,15 +157,15 @@ def test_workers_ignore_sigterm(folder, shards):
 def test_a_process_with_live_workers_still_exits(folder, shards):
     """Workers that ignore SIGTERM must not hang the exit: multiprocessing stops daemonic
     children at exit with SIGTERM and waits for them (data.py kills them first)."""
-    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import data\n"
-            f"a = iter(data.image_folder_loader({folder!r}, data.train_transform(16), 4, num_workers=2)); next(a)\n"
-            f"b = iter(data.web_loader({shards!r}, 8, 2, num_workers=2, shuffle_buffer=2)); next(b)\n"
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import data, decode, webdata\n"
+            f"a = iter(data.image_folder_loader({folder!r}, decode.train_transform(16), 4, num_workers=2)); next(a)\n"
+            f"b = iter(webdata.web_loader({shards!r}, 8, 2, num_workers=2, shuffle_buffer=2)); next(b)\n"
             f"print('ok')\n")
     r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == 'ok' and 'Error' not in r.stderr, r.stderr[-2000:]
 
 
-# -------------------------------------------------------------------- issue 14: the transform
+# -------------------------------------------------------------------- the training transform (timm's crop, decoding)
 def test_crop_is_timms_exactly():
     """With no DCT scaling (PNG) and no flip/RandAugment, load_train_image is timm's
     RandomResizedCropAndInterpolation pixel for pixel on the same seeds: the box drawn from
@@ -175,8 +179,8 @@ def test_crop_is_timms_exactly():
         for interp in ('bilinear', 'bicubic'):
             ref_tf = RandomResizedCropAndInterpolation(32, scale=scale, interpolation=interp)
             for seed in range(25):
-                ours = data.load_train_image(buf.getvalue(), seed, 32, scale=scale, hflip=0.0, interpolation=interp)
-                data.seed_sample(seed)
+                ours = decode.load_train_image(buf.getvalue(), seed, 32, scale=scale, hflip=0.0, interpolation=interp)
+                decode.seed_sample(seed)
                 ref = torch.from_numpy(np.asarray(ref_tf(im)).transpose(2, 0, 1).copy())
                 assert torch.equal(ours, ref), (size, seed)
     # the boxes themselves: drawn from the header only (the file is not decoded) = drawn from the pixels
@@ -202,14 +206,14 @@ def test_draft_decoding_is_close_to_full_decoding():
         full = Image.open(io.BytesIO(b)).convert('RGB')
         for seed in range(30):
             for S in (56, 112):
-                fast = data.load_train_image(b, seed, S, hflip=0.0).float()
-                data.seed_sample(seed)
+                fast = decode.load_train_image(b, seed, S, hflip=0.0).float()
+                decode.seed_sample(seed)
                 top, left, h, w = RandomResizedCropAndInterpolation.get_params(full, (0.08, 1.0), (3 / 4, 4 / 3))
                 crop = full.crop((left, top, left + w, top + h))
                 ref = to_t(crop.resize((S, S), Image.BILINEAR))
                 diffs.append((fast - ref).abs().mean().item())
                 interp_diffs.append((to_t(crop.resize((S, S), Image.BICUBIC)) - ref).abs().mean().item())
-                scales.append(data.draft_scale(w, h, S))
+                scales.append(decode.draft_scale(w, h, S))
     scales, diffs = np.array(scales), np.array(diffs)
     assert diffs[scales == 1].max() == 0  # not drafted: timm's crop exactly
     assert diffs.mean() < 2.0 and diffs.mean() < np.mean(interp_diffs) and diffs.max() < 6.0, \
@@ -226,12 +230,12 @@ def test_decoding_stops_at_the_crops_bottom_row():
     b = jpeg_bytes(photo(20))
     full = np.asarray(Image.open(io.BytesIO(b)).convert('RGB'))
     im = Image.open(io.BytesIO(b))
-    data.load_rows(im, 100)
+    decode.load_rows(im, 100)
     part = np.asarray(im)
     assert np.array_equal(part[:100], full[:100]) and part[100:].max() == 0 and full[100:].min(axis=1).max() > 0
     im = Image.open(io.BytesIO(b))
     im.draft('RGB', (125, 93))  # 1/4 scale, as load_train_image asks for it
-    data.load_rows(im, 30)
+    decode.load_rows(im, 30)
     assert im.size == (125, 94) and np.asarray(im)[:30].min(axis=1).max() > 0 and np.asarray(im)[30:].max() == 0
     progressive, cmyk = io.BytesIO(), io.BytesIO()
     photo(22).save(progressive, 'JPEG', quality=90, progressive=True)
@@ -241,9 +245,9 @@ def test_decoding_stops_at_the_crops_bottom_row():
     for src in (b, gray, progressive.getvalue(), cmyk.getvalue()):
         for S in (32, 112):
             for seed in range(20):
-                x = data.load_train_image(src, seed, S, auto_augment=MAE_AA)
-                assert torch.equal(x, data.load_train_image(src + b'\0', seed, S, auto_augment=MAE_AA)), (S, seed)
-                data.seed_sample(seed)
+                x = decode.load_train_image(src, seed, S, auto_augment=MAE_AA)
+                assert torch.equal(x, decode.load_train_image(src + b'\0', seed, S, auto_augment=MAE_AA)), (S, seed)
+                decode.seed_sample(seed)
                 top, _, h, _ = RandomResizedCropAndInterpolation.get_params(Image.open(io.BytesIO(src)), (0.08, 1.0),
                                                                            (3 / 4, 4 / 3))
                 stopped.append(top + h < Image.open(io.BytesIO(src)).height)
@@ -251,16 +255,16 @@ def test_decoding_stops_at_the_crops_bottom_row():
     cut = b[:len(b) * 2 // 3]
     for seed in range(20):
         with pytest.raises(OSError, match='truncated'):
-            data.load_train_image(cut, seed, 32)
+            decode.load_train_image(cut, seed, 32)
 
 
 def test_train_transform_uint8_and_mae_augmentation():
     b = jpeg_bytes(photo(3))
-    tf = data.train_transform(48, auto_augment=MAE_AA)
+    tf = decode.train_transform(48, auto_augment=MAE_AA)
     x = tf(b, 7)
     assert x.dtype == torch.uint8 and x.shape == (3, 48, 48)
     assert torch.equal(x, tf(b, 7)) and not torch.equal(x, tf(b, 8))  # a function of the seed alone
-    ra = data._rand_augment(MAE_AA, 48, 'bilinear')  # timm's RandAugment, MAE's string
+    ra = decode._rand_augment(MAE_AA, 48, 'bilinear')  # timm's RandAugment, MAE's string
     assert isinstance(ra, RandAugment) and ra.num_layers == 2
     names = [op.name for op in ra.ops]
     assert all(op.magnitude == 9 and op.magnitude_std == 0.5 for op in ra.ops)
@@ -278,14 +282,7 @@ def test_configs_follow_their_recipes():
     """Each paper config's augmentation is its cited recipe's, value by value (MAE Table 11 for
     ImageNet pre-training, MAE fine-tuning (Table 9 / main_finetune.py) for config/advxl_ft_in1k.py)."""
     def load(name):
-        cwd = os.getcwd()
-        os.chdir(ROOT)
-        try:
-            scope = {}
-            exec(open(f'config/{name}.py').read(), scope)
-            return scope
-        finally:
-            os.chdir(cwd)
+        return configurator.read_config(os.path.join(ROOT, 'config', f'{name}.py'))
     names = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, 'config')) if f.startswith('advxl_'))
     seen = set()
     for name in names:
@@ -303,11 +300,11 @@ def test_configs_follow_their_recipes():
     assert seen == {'web', 'ft', 'pre'}
 
 
-# -------------------------------------------------------------------- issue 14: loaders
+# -------------------------------------------------------------------- loaders: uint8, exact resume
 def test_image_folder_loader_uint8_and_exact_resume(folder):
     """uint8 batches; a loader restarted at a sample position gives the same batches bitwise
     (timm's RandAugment and the crops are seeded per sample); the unreadable file is counted."""
-    tf = data.train_transform(24, auto_augment=MAE_AA)
+    tf = decode.train_transform(24, auto_augment=MAE_AA)
     it = iter(data.image_folder_loader(folder, tf, 4, seed=3, num_workers=2))
     ref = [next(it) for _ in range(8)]  # 8 x 4 = 32 > 25 files: a pass and a bit
     assert all(x.dtype == torch.uint8 and x.shape[1:] == (3, 24, 24) for x, _, _ in ref)
@@ -319,33 +316,33 @@ def test_image_folder_loader_uint8_and_exact_resume(folder):
 
 
 def test_webdataset_uint8_and_mae_augmentation(shards):
-    loader = data.web_loader(shards, 16, 4, num_workers=0, shuffle_buffer=4, uint8=True, labelled=True,
-                             auto_augment=MAE_AA, scale=(0.08, 1.0))
+    loader = webdata.web_loader(shards, 16, 4, num_workers=0, shuffle_buffer=4, uint8=True, labelled=True,
+                                auto_augment=MAE_AA, scale=(0.08, 1.0))
     b = next(iter(loader))
     assert b.image.dtype == torch.uint8 and b.image.shape == (4, 3, 16, 16)
     assert b.label.tolist() == [int(k[:2]) for k in b.key]  # labels from .cls
-    x = data.to_device(b.image, 'cpu')
+    x = augment.to_device(b.image, 'cpu')
     assert x.dtype == torch.float32 and torch.equal(x, b.image.float() / 255)
 
 
-# -------------------------------------------------------------------- issue 14: on the device
+# -------------------------------------------------------------------- on the device: Mixup/CutMix, RandomErasing
 def test_mix_batch_is_timms_mixup_seeded():
     x, y = torch.rand(8, 3, 16, 16), torch.arange(8)
-    soft = data.soft_targets(y, 8, 0.1)
+    soft = augment.soft_targets(y, 8, 0.1)
     np.random.seed(123)
     before = np.random.rand()
     np.random.seed(123)
-    xm, t = data.mix_batch(x.clone(), soft, 0.8, 1.0, seed=5)
+    xm, t = augment.mix_batch(x.clone(), soft, 0.8, 1.0, seed=5)
     assert np.random.rand() == before  # the caller's global RNG state is untouched
-    xm2, t2 = data.mix_batch(x.clone(), soft, 0.8, 1.0, seed=5)
+    xm2, t2 = augment.mix_batch(x.clone(), soft, 0.8, 1.0, seed=5)
     assert torch.equal(xm, xm2) and torch.equal(t, t2)
-    data.seed_sample(5)  # = timm's Mixup on hard labels with its own label smoothing, numpy seeded alike
+    decode.seed_sample(5)  # = timm's Mixup on hard labels with its own label smoothing, numpy seeded alike
     xr, tr = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=8)(x.clone(), y)
     assert torch.equal(xm, xr) and torch.allclose(t, tr, atol=1e-7)
     assert torch.allclose(t.sum(1), torch.ones(8)) and t.min() > 0  # smoothed probabilities
-    kinds, hard = set(), data.soft_targets(y, 8)
+    kinds, hard = set(), augment.soft_targets(y, 8)
     for seed in range(20):  # both kinds happen, and each keeps the label mass where the pixels are
-        xm, t = data.mix_batch(x.clone(), hard, 0.8, 1.0, seed=seed)
+        xm, t = augment.mix_batch(x.clone(), hard, 0.8, 1.0, seed=seed)
         lam = t[y, y]
         if ((xm == x).float().mean() > 0.2).item():  # cutmix: the pasted area is the partner's share
             kinds.add('cutmix')
@@ -354,19 +351,19 @@ def test_mix_batch_is_timms_mixup_seeded():
             kinds.add('mixup')
             torch.testing.assert_close(xm, lam.view(-1, 1, 1, 1) * x + (1 - lam.view(-1, 1, 1, 1)) * x.flip(0))
     assert kinds == {'mixup', 'cutmix'}
-    assert data.mix_batch(x, soft, 0.0, 0.0)[1] is soft and soft.max() == pytest.approx(0.9125)
+    assert augment.mix_batch(x, soft, 0.0, 0.0)[1] is soft and soft.max() == pytest.approx(0.9125)
 
 
 def test_random_erase_seeded_and_in_range():
     x = torch.rand(16, 3, 32, 32)
-    a, b = data.random_erase(x, 0.25, seed=1), data.random_erase(x, 0.25, seed=1)
+    a, b = augment.random_erase(x, 0.25, seed=1), augment.random_erase(x, 0.25, seed=1)
     assert torch.equal(a, b) and 0 <= a.min() and a.max() <= 1
     changed = (a - x).abs().flatten(1).max(1).values > 1e-5
     assert 0 < changed.sum() < 16  # some erased (p = 0.25), not all
-    assert torch.equal(data.random_erase(x, 0.0), x)
+    assert torch.equal(augment.random_erase(x, 0.0), x)
 
 
-# -------------------------------------------------------------------- issue 14: labelled shards
+# -------------------------------------------------------------------- labelled shards and the tar reader
 def test_make_shards_resumes_counts_bad_files_and_reads_back(folder, tmp_path):
     dst = tmp_path / 'shards'
     args = [folder, str(dst), '--shard_size', '7', '--max_side', '100', '--workers', '2']
@@ -386,8 +383,8 @@ def test_make_shards_resumes_counts_bad_files_and_reads_back(folder, tmp_path):
     with pytest.raises(SystemExit):  # another conversion into the same folder is refused
         make_shards.main(args[:3] + ['8'])
     # read back through the labelled-shard loader: every image once, with its class
-    loader = data.web_loader(m['pattern'], 20, 4, num_workers=0, shuffle_buffer=1, labelled=True, uint8=True,
-                             train=False)
+    loader = webdata.web_loader(m['pattern'], 20, 4, num_workers=0, shuffle_buffer=1, labelled=True, uint8=True,
+                                train=False)
     it = iter(loader)
     batches = [next(it) for _ in range(6)]
     labels = torch.cat([b.label for b in batches])
@@ -430,16 +427,16 @@ def test_tar_reader_matches_tarfile(tmp_path, fmt):
         (tmp_path / name).write_bytes(raw)
         with tarfile.open(tmp_path / name) as tar:
             want = [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
-        f, stream = data._open_tar(str(tmp_path / name))
-        got = [(n, read()) for n, read in data.tar_members(f)]
+        f, stream = webdata._open_tar(str(tmp_path / name))
+        got = [(n, read()) for n, read in webdata.tar_members(f)]
         stream.close()
         assert got == want and len(got) == len(names)
-        f, stream = data._open_tar(str(tmp_path / name))  # members not read are skipped
-        assert [n for i, (n, read) in enumerate(data.tar_members(f)) if i % 2 or read() is not None] == [n for n, _ in want]
+        f, stream = webdata._open_tar(str(tmp_path / name))  # members not read are skipped
+        assert [n for i, (n, read) in enumerate(webdata.tar_members(f)) if i % 2 or read() is not None] == [n for n, _ in want]
         stream.close()
     bad = bytearray(buf.getvalue())
     bad[1024 if fmt == tarfile.USTAR_FORMAT else 0] ^= 0x20  # a flipped bit in a header
     with pytest.raises(ValueError, match='checksum'):
-        list(data.tar_members(io.BytesIO(bytes(bad))))
+        list(webdata.tar_members(io.BytesIO(bytes(bad))))
     with pytest.raises(EOFError):  # cut inside a member
-        [read() for _, read in data.tar_members(io.BytesIO(buf.getvalue()[:1536 + 100]))]
+        [read() for _, read in webdata.tar_members(io.BytesIO(buf.getvalue()[:1536 + 100]))]
