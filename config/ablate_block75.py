@@ -1,8 +1,14 @@
 # AdvXL Table 1a: block masking keeping 25% of the tokens. Paper 70.6 / 49.3.
-# Pre-training only; fine-tune with config/advxl_ft_in1k.py --init_from=out/ablate_block75
-# (resize 112 px is config/advxl_vitb_in1k.py itself).
-exec(open('config/advxl_vitb_in1k.py').read())
+# The pre-training stage of ViT-B/16 on ImageNet-1K, as config/advxl_vitb_in1k.py (the 112 px
+# resize row) but for the change below; the fine-tuning stage is the usual one:
+#   torchrun --nproc_per_node=8 train.py config/ablate_block75.py
+#   torchrun --nproc_per_node=8 train.py config/advxl_ft_in1k.py --init_from=out/ablate_block75 --out_dir=out/ablate_block75_ft
+extends('base_imagenet_pretrain.py')
 out_dir = 'out/ablate_block75'
+model = 'vit_base_patch16'
+drop_path_rate = 0.1              # MAE: 0.1 for ViT-B
+micro_batch_size = 512
+num_workers = 13                  # loader workers per GPU (the base says how)
 img_size = 224
 mask_ratio = 0.75
 mask_kind = 'block'

@@ -2,7 +2,7 @@
 # contrastive image tower, as a pretrained open_clip model is. Then FARE or TeCoA make it robust:
 #   python train.py config/demo_clip_plain.py
 #   python train.py config/demo_fare.py      # and/or config/demo_tecoa.py
-exec(open('config/demo_clip.py').read())
+extends('base_demo_clip.py')
 out_dir = 'out/demo_clip_plain'
 eps = 0.0
 eval_eps = 8 / 255                # evaluated at the demo's radius all the same

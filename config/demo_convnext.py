@@ -2,6 +2,6 @@
 # instead of the ViT (stem stride 1, so its third stage sees the 8x8 grid the ViT's tokens
 # do at 32 px). Token reduction is resizing only: masking is a ViT token operation.
 #   python train.py config/demo_convnext.py
-#   python train.py config/demo_ft.py --init_from=out/demo_convnext --out_dir=out/demo_convnext_ft
+#   python train.py config/demo_ft.py --init_from=out/demo_convnext --model=convnext_demo --out_dir=out/demo_convnext_ft
 out_dir = 'out/demo_convnext'
 model = 'convnext_demo'

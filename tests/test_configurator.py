@@ -1,3 +1,4 @@
+import ast
 import os
 import subprocess
 import sys
@@ -58,3 +59,57 @@ def test_train_reports_one_line_errors():
                       (['--dry_run=True', '--model=vit_enormous'], "unknown model 'vit_enormous'")):
         r = subprocess.run([sys.executable, 'train.py', *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def write(folder, name, text):
+    (folder / name).write_text(text)
+    return str(folder / name)
+
+
+def test_config_extends_a_base_next_to_it_from_any_directory(tmp_path, monkeypatch):
+    write(tmp_path, 'base_x.py', "lr = 0.5\nbatch_size = 32\n")
+    cfg = write(tmp_path, 'c.py', "# a header\nextends('base_x.py')\nbatch_size = 16\n")
+    monkeypatch.chdir(ROOT)  # not the config's folder
+    g = defaults()
+    origin = configurator.apply_config(g, [cfg, '--eps=2/255'])
+    assert g['lr'] == 0.5 and g['batch_size'] == 16 and g['eps'] == 2 / 255
+    assert origin == {'lr': str(tmp_path / 'base_x.py'), 'batch_size': cfg, 'eps': 'command line'}
+    lines = configurator.resolved_config(g, defaults(), origin)
+    assert lines == [f"  lr = 0.5  ({tmp_path / 'base_x.py'})", f"  batch_size = 16  ({cfg})",
+                     "  eps = 0.00784313725490196  (command line)"]
+
+
+@pytest.mark.parametrize('files,msg', [
+    ({'base_a.py': "extends('base_b.py')\n", 'base_b.py': "lr = 1.0\n", 'c.py': "extends('base_a.py')\n"},
+     r"base_a.py: a base extends nothing \(it is extended by .*c.py\)"),
+    ({'other.py': "lr = 1.0\n", 'c.py': "extends('other.py')\n"},
+     r"extends\('other.py'\): a config extends only a base"),
+    ({'base_a.py': "lr = 1.0\n", 'c.py': "batch_size = 8\nextends('base_a.py')\n"},
+     r"c.py: extends\(...\) is allowed once, as the config's first statement"),
+    ({'c.py': "exec(open('config/advxl_vitb_in1k.py').read())\n"}, r"c.py: exec\(\) in a config"),
+    ({'c.py': "extends('base_gone.py')\n"}, r"c.py: base config not found: .*base_gone.py"),
+    ({'base_a.py': "learning_rate = 1.0\n", 'c.py': "extends('base_a.py')\n"},
+     r"base_a.py: unknown config key 'learning_rate'"),
+    ({'c.py': "lr = 1e-3 *\n"}, r"c.py:1: invalid syntax: lr = 1e-3 \*")])
+def test_inheritance_rule_errors_are_one_line(tmp_path, files, msg):
+    for name, text in files.items():
+        write(tmp_path, name, text)
+    with pytest.raises(SystemExit, match=msg) as e:
+        configurator.apply_config(defaults(), [str(tmp_path / 'c.py')])
+    assert '\n' not in str(e.value.code)
+
+
+def test_project_configs_extend_at_most_one_base():
+    """A config reads alone, or with the one base its first line names; bases extend nothing."""
+    folder = os.path.join(ROOT, 'config')
+    bases = set()
+    for name in sorted(os.listdir(folder)):
+        src = open(os.path.join(folder, name)).read()
+        tree = ast.parse(src)
+        calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, 'id', '') in ('extends', 'exec')]
+        if name.startswith('base_'):
+            assert not calls, name
+        elif calls:
+            assert len(calls) == 1 and calls[0] is tree.body[0].value and calls[0].func.id == 'extends', name
+            bases.add(calls[0].args[0].value)
+    assert bases == {n for n in os.listdir(folder) if n.startswith('base_')}  # every base is used
