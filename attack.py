@@ -7,6 +7,7 @@ when called on the unwrapped module), and run the model in eval mode, restoring 
 afterwards, as the official AdvXL code does.
 """
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -72,20 +73,33 @@ def _pgd_steps(model, x, y, loss_fn, eps, step_size, steps, norm, random_start, 
     return x_adv.detach()
 
 
+class TrueFp32:
+    """fp32 matmuls and convolutions without TF32 (train.py turns TF32 on for training): what an
+    evaluation in 'float32' means, in train.py's final table as in eval_autoattack.py. Reusable,
+    like the autocast it stands in for (evaluate_pgd enters it once per batch)."""
+
+    def __enter__(self):
+        self.old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = self.old
+
+
 @torch.no_grad()
 def _count_correct(logits, y):
     return (logits.argmax(1) == y).sum()
 
 
 def evaluate_pgd(model, loader, eps=4 / 255, steps=20, step_size=1 / 255, norm='Linf',
-                 max_samples=None, autocast=None, log_every=0, log=print):
+                 max_samples=None, autocast=None, log_every=0, log=print, group=None):
     """Clean and PGD-k robust accuracy (percent) over a loader of ([0,1] images, labels).
     Under torch.distributed, each rank evaluates its own loader and the counts are summed."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     ce = lambda out, t: F.cross_entropy(out.float(), t)
-    autocast = autocast or torch.autocast(device.type, enabled=False)
+    autocast = autocast or nullcontext()
     clean = robust = total = torch.zeros((), dtype=torch.long, device=device)
     t0 = time.time()
     for i, (x, y) in enumerate(loader):
@@ -105,6 +119,6 @@ def evaluate_pgd(model, loader, eps=4 / 255, steps=20, step_size=1 / 255, norm='
     model.train(was_training)
     counts = torch.stack([clean, robust, total])
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
+        dist.all_reduce(counts, group=group)  # group: e.g. one whose timeout outlasts the slowest rank
     clean, robust, total = counts.tolist()
     return 100.0 * clean / max(total, 1), 100.0 * robust / max(total, 1), total

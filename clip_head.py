@@ -12,6 +12,7 @@ such a tower) and a caption-embedding side file so training can skip the text to
     loss = loss_fn(ddp_model(x_adv), txt)       # gathers the global batch under DDP
 """
 import copy
+from contextlib import nullcontext
 import logging
 import math
 import os
@@ -296,6 +297,14 @@ def contrastive_loss(image_features, text_features, logit_scale):
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
+def autocast_for(device_type, dtype=None):
+    """torch.autocast to dtype; None: autocast off (an fp32 region inside a caller's autocast). A
+    device type without autocast (meta, in the host-sync tests) runs as it is."""
+    if not torch.amp.is_autocast_available(device_type):
+        return nullcontext()
+    return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
+
+
 class ContrastiveLoss(nn.Module):
     """Eq. 2 with a learnable temperature, stored as log(1/tau) (init 1/0.07, CLIP/CLIPA) and
     clamped at log(100) where it is used, as CLIP does. gather=True: under DDP the loss is
@@ -313,7 +322,7 @@ class ContrastiveLoss(nn.Module):
 
     def forward(self, image_features, text_features, gather=None):
         gather = self.gather if gather is None else gather
-        with torch.autocast(image_features.device.type, enabled=False):  # logits in fp32
+        with autocast_for(image_features.device.type):  # logits in fp32
             img = F.normalize(image_features.float(), dim=-1)
             txt = F.normalize(text_features.float(), dim=-1)
             if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -367,7 +376,8 @@ class ZeroShotClassifier(nn.Module):
 
     def forward(self, x):
         feats = F.normalize(self.image_model(x).float(), dim=-1)
-        return self.logit_scale * feats @ self.weights.T
+        with autocast_for(x.device.type):  # bf16 logits tie classes and zero DLR's gaps
+            return self.logit_scale * feats @ self.weights.T
 
 
 @torch.no_grad()
@@ -404,7 +414,7 @@ def precompute_caption_embeddings(tower, shard_pattern, out_path, batch_size=102
     on every pass after the first: worth it for multi-pass schedules (2.56B samples of
     LAION-400M = 6.4 passes), not for one pass. Size: 2E bytes a sample (0.6 TB for
     LAION-400M at E=768), and the key index lives in RAM: one file per shard range."""
-    from data import expand_shards, iter_tar_samples
+    from webdata import expand_shards, iter_tar_samples
     keys, embs, pending = [], [], []
 
     def flush():
@@ -476,6 +486,12 @@ def parse_open_clip_spec(spec):
     if _open_clip().get_model_config(name) is None:
         return None
     return name, tag or None, files
+
+
+def is_clip_run(cfg):
+    """Whether a run's config (a checkpoint's 'config') trained a CLIP image tower, evaluated as a
+    zero-shot classifier: contrastive on web data, or fine-tuned with TeCoA or FARE."""
+    return cfg.get('data') == 'webdataset' or cfg.get('loss') in ('tecoa', 'fare')
 
 
 def is_open_clip_spec(spec):
@@ -596,7 +612,7 @@ def tecoa_loss(image_emb, targets, text_weights, logit_scale=100.0):
     logit_scale 100: the official code uses CLIP's own logit_scale, clamped at ln(100) (its
     finetuning.py), which OpenAI's weights hold at exactly 100; FARE's TeCoA runs fix 100
     (RobustVLM train/adversarial_training_clip.py, ComputeLossWrapper logit_scale=100.)."""
-    with torch.autocast(image_emb.device.type, enabled=False):  # logits in fp32
+    with autocast_for(image_emb.device.type):  # logits in fp32
         img = F.normalize(image_emb.float(), dim=-1)
         txt = F.normalize(text_weights.float(), dim=-1)
         return F.cross_entropy(logit_scale * img @ txt.T, targets)
@@ -619,24 +635,25 @@ class FareLoss(nn.Module):
         loss = fare(model(x_adv), target)
 
     The copy is frozen (no grad, always eval) and lives here, not in the model, so the
-    optimizer never sees it; bf16 on CUDA (it only produces targets), fp32 elsewhere."""
+    optimizer never sees it. It keeps fp32 weights and runs under the training's autocast
+    (dtype: torch.bfloat16 or float32): a copy cast to bf16 would round its normalisation
+    buffers, norms and position embedding, so phi_orig(x) != phi(x) before any update."""
 
-    def __init__(self, tower, device=None, dtype=None):
+    def __init__(self, tower, device=None, dtype=torch.float32):
         super().__init__()
         tower = getattr(tower, '_orig_mod', tower)  # a torch.compile'd model: copy the module itself
         device = torch.device(device or next(tower.parameters()).device)
-        self.dtype = dtype or (torch.bfloat16 if device.type == 'cuda' else torch.float32)
-        orig = copy.deepcopy(tower).requires_grad_(False)
-        self.orig = orig.to(device=device, dtype=self.dtype).eval()
+        self.dtype = dtype
+        self.orig = copy.deepcopy(tower).requires_grad_(False).to(device).eval()
 
     def train(self, mode=True):
         return super().train(False)  # frozen: always eval (no drop path)
 
     @torch.no_grad()
     def targets(self, x):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
+        with autocast_for(x.device.type, torch.bfloat16 if self.dtype == torch.bfloat16 else None):
             return self.orig(x).float()
 
     def forward(self, image_emb, targets):
-        with torch.autocast(image_emb.device.type, enabled=False):
+        with autocast_for(image_emb.device.type):
             return (image_emb.float() - targets.float()).pow(2).sum(-1).mean()

@@ -75,10 +75,10 @@ def _depth_variants(args):
     return {**args, 'depth': 1}, [({**args, 'depth': 2}, args['depth'] - 1)]
 
 
-def activation_bytes(model_args, micro, img_size, kind, mask_ratio=0.0, mask_kind='random', dtype='float32',
-                     recompute=True):
-    """Peak activation bytes of one attack or training step at this micro batch, measured on
-    small copies and scaled (see the module docstring)."""
+def activation_line(model_args, img_size, kind, mask_ratio=0.0, mask_kind='random', dtype='float32',
+                    recompute=True):
+    """(fixed, per image) activation bytes of one attack or training step: the peak at a micro
+    batch b is fixed + per_image * b, measured on small copies and scaled (module docstring)."""
     autocast = torch.autocast('cpu', dtype=torch.bfloat16) if dtype == 'bfloat16' else None
     ckpt = model_args.get('grad_ckpt', False)
 
@@ -86,10 +86,9 @@ def activation_bytes(model_args, micro, img_size, kind, mask_ratio=0.0, mask_kin
         with torch.device('meta'):  # values do not matter for the bytes saved: skip the initialisation
             m = model_lib.build_model({**args, 'grad_ckpt': grad_ckpt, 'drop_path_rate': 0.0})
         m = m.to_empty(device='cpu')
-        per_batch = [step_bytes(m, torch.rand(b, 3, img_size, img_size), kind, mask_ratio, mask_kind, autocast)
-                     for b in (1, 2)]
-        fixed, per_image = 2 * per_batch[0] - per_batch[1], per_batch[1] - per_batch[0]
-        return fixed + per_image * micro
+        one, two = [step_bytes(m, torch.rand(b, 3, img_size, img_size), kind, mask_ratio, mask_kind, autocast)
+                    for b in (1, 2)]
+        return torch.tensor([2 * one - two, two - one], dtype=torch.float64)  # (fixed, per image)
 
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -98,8 +97,15 @@ def activation_bytes(model_args, micro, img_size, kind, mask_ratio=0.0, mask_kin
         total = base + sum((measure(a, ckpt) - base) * n for a, n in variants)
         if ckpt and recompute:  # backward recomputes one block at a time, with all of its activations
             base_full = measure(base_args, False)
-            total += max(measure(a, False) - base_full for a, _ in variants)
-    return total
+            total += max((measure(a, False) - base_full for a, _ in variants), key=lambda t: tuple(t.tolist()[::-1]))
+    return tuple(int(v) for v in total.tolist())
+
+
+def activation_bytes(model_args, micro, img_size, kind, mask_ratio=0.0, mask_kind='random', dtype='float32',
+                     recompute=True):
+    """Peak activation bytes of one attack or training step at this micro batch."""
+    fixed, per_image = activation_line(model_args, img_size, kind, mask_ratio, mask_kind, dtype, recompute)
+    return fixed + per_image * micro
 
 
 def tower_params(name):
@@ -111,27 +117,64 @@ def tower_params(name):
     return sum(p.numel() for n, p in clip.named_parameters() if not n.startswith('visual.'))
 
 
+def eval_activation_line(model_args, img_size, dtype='float32'):
+    """(fixed, per image) bytes of one evaluation attack step (PGD-k's input gradient, no masking)
+    at dtype: activation_bytes is linear in the batch, so two batch sizes give the line."""
+    return activation_line(dict(model_args, img_size=img_size), img_size, 'attack', dtype=dtype)
+
+
+def fitting_eval_batch(line, budget, largest):
+    """The largest evaluation batch, 1 to `largest`, whose activations (fixed, per image) fit in
+    `budget` bytes (1 when none does)."""
+    fixed, per_image = line
+    return int(max(1, min(largest, (budget - fixed) // max(per_image, 1))))
+
+
 def memory_plan(model_args, micro, img_size, pgd_steps, mask_ratio=0.0, mask_kind='random', dtype='bfloat16',
-                ema=False, text_tower=None, frozen_copy=False):
-    """{component: bytes} per GPU, and the peak. Weights, gradients, AdamW's two moments and
-    the EMA are fp32; a frozen tower (the CLIP text tower, FARE's original image tower) bf16 under
-    bf16 training, fp32 otherwise. DDP's buckets are the gradients (gradient_as_bucket_view)."""
+                ema=False, text_tower=None, frozen_copy=False, eval_dtype='float32', budget=None, eval_batch=0):
+    """{component: bytes} per GPU, 'peak' and 'eval_batch'. Weights, gradients, AdamW's two moments
+    and the EMA are fp32, and so is FARE's frozen copy of the image tower (run under autocast); the
+    CLIP text tower is bf16 under bf16 training. DDP's buckets are the gradients
+    (gradient_as_bucket_view; zero_grad keeps them). The peak is the largest of the stage's phases,
+    each on top of that state: a training step's attack and update (at dtype), the evaluations
+    during training (at dtype, without masking), and the final evaluation (PGD at eval_dtype,
+    without masking) at the largest batch up to `micro`
+    that keeps the peak within `budget` bytes (micro when budget is None), or at eval_batch."""
     with torch.device('meta'):
         n_params = sum(p.numel() for p in model_lib.build_model(model_args).parameters())
     frozen_bytes = 2 if dtype == 'bfloat16' else 4
     plan = {'parameters': 4 * n_params, 'gradients': 4 * n_params, 'adamw_state': 8 * n_params,
             'ema': 4 * n_params if ema else 0,
             'text_tower': frozen_bytes * tower_params(text_tower) if text_tower else 0,
-            'frozen_copy': frozen_bytes * n_params if frozen_copy else 0,
+            'frozen_copy': 4 * n_params if frozen_copy else 0,
             'images': micro * 3 * img_size ** 2 * (1 + 4 * 3)}  # uint8 batch; x, x_adv and its gradient in fp32
     args = dict(model_args, img_size=img_size)
     plan['attack_activations'] = activation_bytes(args, micro, img_size, 'attack', mask_ratio, mask_kind, dtype) \
         if pgd_steps > 0 else 0
     plan['train_activations'] = activation_bytes(args, micro, img_size, 'train', mask_ratio, mask_kind, dtype)
+    # the evaluations during training attack whole images (no masking) at the micro batch, at dtype
+    plan['interim_eval_activations'] = activation_bytes(args, micro, img_size, 'attack', dtype=dtype) \
+        if mask_ratio > 0 else 0
     static = sum(v for k, v in plan.items() if not k.endswith('_activations'))
-    plan['peak'] = static + max(plan['attack_activations'], plan['train_activations'])
+    line = eval_activation_line(model_args, img_size, eval_dtype)
+    eval_batch = eval_batch or (micro if budget is None else fitting_eval_batch(line, budget - static, micro))
+    plan['eval_activations'] = line[0] + line[1] * eval_batch
+    plan['peak'] = static + max(v for k, v in plan.items() if k.endswith('_activations'))
+    plan['eval_batch'] = eval_batch
     return plan
 
 
 def format_plan(plan):
-    return ' | '.join(f"{k} {v / GiB:.2f}" for k, v in plan.items() if v) + ' (GiB per GPU)'
+    return ' | '.join(f"{k} {v / GiB:.2f}" for k, v in plan.items() if v and k != 'eval_batch') + ' (GiB per GPU)'
+
+
+# ----------------------------------------------------------------------------- evaluation (AutoAttack, PGD-k)
+def eval_line(model_args, img_size, dtype='float32', image_copies=24):
+    """(fixed, per image) bytes on one device while an attack evaluates a batch of b images
+    (the peak is fixed + per_image * b): the frozen fp32 weights (no gradients, no optimizer
+    state; bf16 is autocast), `image_copies` fp32 tensors the size of the batch (the attack's
+    per-point state) and the activations of one input-gradient step."""
+    with torch.device('meta'):
+        n_params = sum(p.numel() for p in model_lib.build_model(dict(model_args, img_size=img_size)).parameters())
+    fixed, per_image = eval_activation_line(model_args, img_size, dtype)
+    return 4 * n_params + fixed, per_image + image_copies * 4 * 3 * img_size ** 2

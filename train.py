@@ -5,7 +5,7 @@ first stage (16 px, PGD-1 on CPU); a config file overrides them for another stag
 $ python train.py                                      # demo pre-training
 $ python train.py config/demo_ft.py                    # demo fine-tuning (init_from the first)
 $ torchrun --nproc_per_node=8 train.py config/advxl_vitl_laion.py
-$ torchrun --nproc_per_node=8 train.py config/advxl_ft_in1k.py --init_from=out/advxl_vitl_laion
+$ torchrun --nproc_per_node=8 train.py config/advxl_ft_in1k_vitl.py --init_from=out/advxl_vitl_laion
 
 Each step: PGD finds adversarial images with input-only gradients on the unwrapped model
 (no weight gradients, no all-reduce), then the model trains on the adversarial images only.
@@ -18,18 +18,22 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import augment
 import data as datalib
-from attack import evaluate_pgd, pgd
+import decode
+import demo_data
+import webdata
+from attack import TrueFp32, evaluate_pgd, pgd
 from clip_head import (ContrastiveLoss, FareLoss, ZeroShotClassifier, attack_loss_fn, head_from_zeroshot,
-                       imagenet_classnames, is_open_clip_spec, load_open_clip_image_tower, load_text_tower,
+                       imagenet_classnames, is_clip_run, is_open_clip_spec, load_open_clip_image_tower, load_text_tower,
                        open_clip_text_source, open_clip_tower_config, tecoa_loss_fn, zeroshot_weights)
+from distributed import StopFlag, init_distributed, threads_per_rank
 from checkpoint import checkpoint_files, read_checkpoint, remove_temp_files, save_checkpoint as write_checkpoint
 from model import PRESETS, build_model, clean_state_dict, config_from_timm_state_dict, create_model, is_convnext
 
@@ -94,6 +98,7 @@ eval_eps = 0.0             # 0 = same as eps
 eval_pgd_steps = 20
 eval_step_size = 1 / 255
 eval_dtype = 'float32'     # results.json and the final table; bf16 rounds pixels near 0/1 by ~1/255, one eval step
+eval_batch_size = 0        # per rank, the final evaluation; 0 = the micro batch, lowered on a GPU to what its memory holds
 # optimisation
 samples = 64000            # this stage's budget, in samples seen
 batch_size = 64            # global batch per optimizer step (all ranks, all micro-steps)
@@ -153,6 +158,13 @@ def check_same_stage(old_cfg):
               f"as an uninterrupted one (data order and per-rank randomness change)", file=sys.stderr)
 
 
+# each preset's fine-tuning config: what to run after that model's pre-training (the refusal below names it)
+FINETUNE_CONFIGS = {'vit_base_patch16': 'config/advxl_ft_in1k.py', 'vit_large_patch16': 'config/advxl_ft_in1k_vitl.py',
+                    'vit_huge_patch14': 'config/advxl_ft_in1k_vith.py', 'vit_giant_patch14': 'config/advxl_ft_in1k_vitg.py',
+                    'convnext_base': 'config/advxl_ft_in1k_convnext_b.py',
+                    'convnext_large': 'config/advxl_ft_in1k_convnext_l.py', 'vit_demo_patch4': 'config/demo_ft.py'}
+
+
 def stage_model_config(src_ckpt):
     """This stage's architecture: the preset, or the init_from checkpoint's architecture with
     this stage's resolution, class count and regularisation."""
@@ -166,13 +178,13 @@ def stage_model_config(src_ckpt):
             (a['patch_size'], a['embed_dim'], a['depth'])
         same = [n for n, p in PRESETS.items() if shape(PRESETS[n]) == shape(args)]
         if same and model not in same:  # this stage's memory, recipe and config file are the model's own
+            ft = next((FINETUNE_CONFIGS[n] for n in same if n in FINETUNE_CONFIGS), None)
             raise SystemExit(f"init_from {init_from} holds a {same[0]} but model='{model}': use that model's "
-                             f"config (e.g. config/advxl_ft_in1k_{same[0].split('_')[1]}.py) or --model={same[0]}")
+                             f"config{f' (e.g. {ft})' if ft else ''} or --model={same[0]}")
     else:  # a timm / official AdvXL state dict: the preset named by `model` must fit it
         args = asdict(config_from_timm_state_dict(src_ckpt, arch=model))
     src_cfg = src_ckpt.get('config', {})
-    from_clip = src_cfg.get('data') == 'webdataset' or src_cfg.get('loss') in CLIP_LOSSES
-    keep_embed = from_clip and (data == 'webdataset' or loss in CLIP_LOSSES)  # still a CLIP embedding
+    keep_embed = is_clip_run(src_cfg) and (data == 'webdataset' or loss in CLIP_LOSSES)  # still a CLIP embedding
     new_label_head = {'head_bias': True} if 'head_bias' in args and not keep_embed else {}  # CLIP projections have none
     return {**args, **stage, 'embed_out': args.get('embed_out', 0) if keep_embed else 0, **new_label_head}
 
@@ -202,7 +214,7 @@ def stage_compute(cfg):
 # same command and continues. init_from is only where a new stage starts.
 own_ckpts = [] if overwrite else checkpoint_files(out_dir)
 from_open_clip = init_from not in ('scratch', 'resume') and not os.path.exists(init_from) and is_open_clip_spec(init_from)
-if init_from == 'resume' and not own_ckpts and not dry_run:
+if init_from == 'resume' and not own_ckpts:
     raise SystemExit(f"init_from='resume': no checkpoint in {out_dir} (a stage started with the same command "
                      f"resumes by itself; init_from names where a new stage starts)")
 resuming = bool(own_ckpts)
@@ -217,7 +229,10 @@ if resuming:
 elif from_open_clip:  # a pretrained open_clip image tower; weights are read below
     model_args = {**asdict(open_clip_tower_config(init_from, img_size)), 'drop_path_rate': drop_path_rate,
                   'grad_ckpt': grad_ckpt}
-elif init_from not in ('scratch', 'resume') and (not dry_run or os.path.exists(init_from)):
+elif init_from not in ('scratch', 'resume'):  # a dry run checks the new stage against it as a real run does
+    if dry_run and not os.path.exists(init_from):
+        raise SystemExit(f"init_from {init_from} not found: this stage starts from that run's model, so the dry run "
+                         f"needs it too; run that stage first, or plan this stage alone with --init_from=scratch")
     src = read_checkpoint(init_from)
 if resuming or not from_open_clip:
     model_args = dict(src['model_args']) if resuming else stage_model_config(src)
@@ -227,6 +242,8 @@ except ValueError as e:  # e.g. mask_ratio on a ConvNeXt: the model says why
     raise SystemExit(f"mask_ratio={mask_ratio}: {e}")
 
 if dry_run:
+    print("config (where it differs from train.py's defaults, and what set it):")
+    print('\n'.join(resolved_config(config, _config_defaults, _config_origin)))  # noqa: F821 (configurator)
     with torch.device('meta'):
         arch = build_model(model_args).describe()
     print(f"stage {os.path.basename(out_dir)}: {arch}, {samples / 1e6:g}M samples at {img_size}px "
@@ -241,10 +258,12 @@ if dry_run:
         plan_dtype = dtype if device.startswith('cuda') else 'bfloat16'  # the plan is for the GPU run
         plan = memplan.memory_plan(model_args, micro_plan, img_size, pgd_steps, mask_ratio, mask_kind, plan_dtype,
                                    ema=ema_decay > 0, text_tower=text_tower if data == 'webdataset' else None,
-                                   frozen_copy=loss == 'fare')
+                                   frozen_copy=loss == 'fare', eval_dtype=eval_dtype,
+                                   budget=gpu_mem_gib * memplan.GiB, eval_batch=eval_batch_size)
         print(f"memory per GPU at {plan_world} GPUs, micro batch {micro_plan} "
               f"({batch_size // (micro_plan * plan_world)} accumulation), {plan_dtype}, grad_ckpt "
-              f"{model_args.get('grad_ckpt')}: {memplan.format_plan(plan)}")
+              f"{model_args.get('grad_ckpt')}, evaluation batch {plan['eval_batch']} in {eval_dtype}: "
+              f"{memplan.format_plan(plan)}")
         peak = plan['peak'] / memplan.GiB
         if peak > gpu_mem_gib:
             print(f"warning: the plan needs {peak:.1f} GiB per GPU, more than gpu_mem_gib={gpu_mem_gib}: lower "
@@ -253,21 +272,8 @@ if dry_run:
     sys.exit(0)
 
 # ----------------------------------------------------------------------------- setup
-ddp = int(os.environ.get('RANK', -1)) != -1
-if ddp:
-    # torchrun's (static) rendezvous keeps one store across --max-restarts rounds: keep each round's keys
-    # apart, or a restarted rank reads its dead peer's old address and never connects
-    store, _, _ = next(dist.rendezvous('env://', timeout=timedelta(seconds=dist_timeout_s)))
-    store = dist.PrefixStore(f"round_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo', store=store,
-                            rank=int(os.environ['RANK']), world_size=int(os.environ['WORLD_SIZE']),
-                            timeout=timedelta(seconds=dist_timeout_s))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if device.startswith('cuda'):
-        device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
-        torch.cuda.set_device(device)
-else:
-    rank, world = 0, 1
+rank, world, device = init_distributed(device, dist_timeout_s)
+ddp = dist.is_initialized()
 master = rank == 0
 log = print if master else (lambda *a, **k: None)
 micro = micro_batch_size or batch_size // world
@@ -278,10 +284,10 @@ if resuming and src.get('world', world) != world and master:
     print(f"warning: resuming with {world} rank(s) where the checkpoint ran {src['world']}: the run continues, but "
           f"no longer bitwise as an uninterrupted one (data order and per-rank randomness change)", file=sys.stderr)
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-if device_type == 'cpu':
-    torch.set_num_threads(cpu_threads or max(1, (os.cpu_count() or 1) // world - num_workers))
+torch.set_num_threads(threads_per_rank(cpu_threads, num_workers, world))
+torch_dtype = torch.bfloat16 if dtype == 'bfloat16' else torch.float32
 autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
-eval_autocast = autocast if eval_dtype == 'bfloat16' else nullcontext()
+eval_autocast = autocast if eval_dtype == 'bfloat16' else TrueFp32()  # the final table's precision
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 if master:
@@ -304,10 +310,10 @@ if master:
 if data not in ('demo', 'imagefolder', 'shards', 'webdataset'):
     raise SystemExit(f"data='{data}' is unknown: use 'demo', 'imagefolder', 'shards' or 'webdataset'")
 if data == 'demo':
-    train_data, val_data = train_data or f'{datalib.DEMO_ROOT}/train', val_data or f'{datalib.DEMO_ROOT}/val'
-if any(p.startswith(datalib.DEMO_ROOT) for p in (train_data, val_data)):
+    train_data, val_data = train_data or f'{demo_data.DEMO_ROOT}/train', val_data or f'{demo_data.DEMO_ROOT}/val'
+if any(p.startswith(demo_data.DEMO_ROOT) for p in (train_data, val_data)):
     if master:
-        datalib.ensure_demo()
+        demo_data.ensure_demo()
     if ddp:
         dist.barrier()
 web, shards = data == 'webdataset', data == 'shards'  # shards: labelled, the web path's resumable stream
@@ -325,7 +331,7 @@ if web or (resuming and clip_ft):
 elif clip_ft and from_open_clip:
     name, tag = open_clip_text_source(init_from)
     tower_cfg = {**config, 'text_tower': name, 'text_pretrained': tag or ''}
-elif src is not None and (src_cfg.get('data') == 'webdataset' or src_cfg.get('loss') in CLIP_LOSSES):
+elif src is not None and is_clip_run(src_cfg):
     tower_cfg = src_cfg
 elif clip_ft:
     raise SystemExit(f"loss='{loss}' starts from a CLIP tower: init_from must name an open_clip model "
@@ -398,9 +404,9 @@ if loss == 'fare':  # phi_orig: the starting tower, frozen (a resumed run rebuil
             start.load_timm_state_dict(load_open_clip_image_tower(init_from, img_size=img_size).state_dict())
         else:
             start_new_stage(start, read_checkpoint(init_from))
-        fare = FareLoss(start, device)
+        fare = FareLoss(start, device, torch_dtype)
     else:
-        fare = FareLoss(raw_model, device)
+        fare = FareLoss(raw_model, device, torch_dtype)
 contrastive = ContrastiveLoss(logit_scale_init).to(device) if web else None
 decay = [p for n, p in raw_model.named_parameters() if p.ndim >= 2 and 'pos_embed' not in n and 'cls_token' not in n]
 no_decay = [p for n, p in raw_model.named_parameters() if not (p.ndim >= 2 and 'pos_embed' not in n and 'cls_token' not in n)]
@@ -431,7 +437,7 @@ train_model = DDP(fast_model, device_ids=[device] if device_type == 'cuda' else 
 
 aug = dict(scale=tuple(crop_scale), hflip=0.5 * hflip, auto_augment=auto_augment, interpolation=train_interpolation)
 if web or shards:
-    train_loader = datalib.web_loader(train_data, img_size, micro, rank, world, seed, num_workers, state=data_state,
+    train_loader = webdata.web_loader(train_data, img_size, micro, rank, world, seed, num_workers, state=data_state,
                                       shuffle_buffer=shuffle_buffer, labelled=shards, uint8=True,
                                       pin_memory=device_type == 'cuda', **aug)
 if web:
@@ -440,11 +446,10 @@ if web:
         from clip_head import CaptionEmbeddings
         captions = CaptionEmbeddings(caption_embeddings)
 elif not shards:
-    train_tf = datalib.train_transform(img_size, tuple(crop_scale), hflip, auto_augment, train_interpolation)
+    train_tf = decode.train_transform(img_size, tuple(crop_scale), hflip, auto_augment, train_interpolation)
     train_loader = datalib.image_folder_loader(train_data, train_tf, micro, rank, world, seed,
                                                start=samples_seen // world, num_workers=num_workers)
 val_loader = datalib.val_loader(val_data, val_tf, micro, eval_samples, rank, world, num_workers)
-final_loader = datalib.val_loader(val_data, val_tf, micro, final_eval_samples or None, rank, world, num_workers)
 train_iter = iter(train_loader)
 
 
@@ -464,7 +469,7 @@ else:
 
 
 def to_device(t):
-    return datalib.to_device(t, device)
+    return augment.to_device(t, device)
 
 
 def next_batch(micro_step):
@@ -485,8 +490,8 @@ def next_batch(micro_step):
         x, y, n_bad = next(train_iter)
     x, y = to_device(x), to_device(y)
     s = (seed * 1_000_003 + step * 1009 + rank) * 64 + micro_step  # the device augmentation's draws: exact resume
-    x = datalib.random_erase(x, reprob, seed=s)
-    x, targets = datalib.mix_batch(x, datalib.soft_targets(y, num_classes, label_smoothing), mixup, cutmix, seed=s)
+    x = augment.random_erase(x, reprob, seed=s)
+    x, targets = augment.mix_batch(x, augment.soft_targets(y, num_classes, label_smoothing), mixup, cutmix, seed=s)
     if fare is not None:  # FARE's target: the original tower's embedding of the clean image
         targets = fare.targets(x)
     return x, targets, y, n_bad
@@ -496,6 +501,17 @@ def predictions(out, targets):
     if web:  # in-batch image -> caption retrieval
         return (F.normalize(out.float(), dim=-1) @ targets.T).argmax(1)
     return (F.normalize(out.float(), dim=-1) @ zs_weights.T).argmax(1) if clip_ft else out.argmax(1)
+
+
+def final_eval_batch():
+    """The final evaluation's batch per rank: eval_batch_size, else the micro batch, lowered on a GPU
+    to what its free memory holds beside the training state (fp32 PGD needs more than bf16 training)."""
+    if eval_batch_size or device_type != 'cuda':
+        return eval_batch_size or micro
+    import memplan
+    torch.cuda.empty_cache()
+    line = memplan.eval_activation_line(model_args, img_size, eval_dtype)
+    return memplan.fitting_eval_batch(line, 0.9 * torch.cuda.mem_get_info(device)[0], micro)  # 10%: fragmentation
 
 
 def lr_at(s):
@@ -510,7 +526,7 @@ def save_checkpoint():
     if web or shards:  # every rank's stream position, so each can resume exactly
         states = [None] * world
         dist.all_gather_object(states, train_loader.state_dict()) if ddp else states.__setitem__(0, train_loader.state_dict())
-        states = datalib.merge_states(states)
+        states = webdata.merge_states(states)
     if not master:
         return
     if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
@@ -520,7 +536,8 @@ def save_checkpoint():
             'ema': ema.state_dict() if ema is not None else None, 'samples_seen': samples_seen,
             'compute': fwd_macs * samples_seen / 1e19, 'compute_prev': compute_prev, 'samples_prev': samples_prev,
             'stage': os.path.basename(out_dir), 'config': config, 'data_state': states, 'world': world,
-            'contrastive': contrastive.state_dict() if web else None}
+            'contrastive': contrastive.state_dict() if web else None,
+            'zeroshot_weights': zs_weights.float().cpu() if tower_cfg is not None else None}  # eval's classifier
     write_checkpoint(ckpt, out_dir, samples_seen, keep_ckpts)
 
 
@@ -548,36 +565,6 @@ def on_sigterm(signum, frame):
         sigterm_step = globals().get('step', 0)
 
 
-class StopFlag:
-    """Whether any rank got SIGTERM, agreed on by all ranks without a host sync in the step:
-    each step starts an all-reduce of the local flag and reads the previous step's result,
-    which finished long ago. So all ranks stop after the same step, at most 2 steps late."""
-
-    def __init__(self):
-        self.pending = None
-
-    def __call__(self, local):
-        if not ddp:
-            return local
-        stop = False
-        if self.pending is not None:
-            work, flag, ready = self.pending
-            work.wait()
-            if ready is not None:
-                ready.synchronize()  # the previous step's copy: the GPU is one step ahead at most
-            stop = flag.item() > 0
-        flag = torch.tensor([float(local)], device=device)
-        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
-        ready = None
-        if device_type == 'cuda':  # read it on the host a step later, from pinned memory
-            work.wait()  # (NCCL: the stream waits, not the host)
-            flag = torch.empty(1, pin_memory=True).copy_(flag, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-        self.pending = (work, flag, ready)
-        return stop
-
-
 signal.signal(signal.SIGTERM, on_sigterm)
 if wandb_log and master:
     import wandb
@@ -593,7 +580,7 @@ log(f"stage {stage}: {raw_model.describe()}, {samples} samples at {img_size}px, 
 # ----------------------------------------------------------------------------- training loop
 step = samples_seen // batch_size
 start_step = step
-stop_flag = StopFlag()
+stop_flag = StopFlag(device, ddp)
 t_start = t_last = time.time()
 last_log_samples = samples_seen
 acc_loss = torch.zeros((), device=device)
@@ -601,6 +588,7 @@ acc_correct = torch.zeros((), device=device)
 bad_images = torch.zeros((), dtype=torch.long)
 first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
 while samples_seen < samples:
+    # ---- one optimizer step: nothing here waits for the device (tests/test_train_inprocess.py checks it)
     torch.manual_seed(seed * 1_000_003 + step * 1009 + rank)  # randomness is a function of (step, rank): exact resume
     ramp = min(1.0, (samples_seen + batch_size) / eps_warmup) if eps_warmup > 0 else 1.0
     eps_now, step_now = eps * ramp, pgd_step_size * ramp
@@ -623,13 +611,14 @@ while samples_seen < samples:
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=False)  # gradients stay DDP's bucket views, also in no_sync steps (the memory plan)
     if ema is not None:
         with torch.no_grad():  # else autograd chains every step's update onto the last: a growing graph
             torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - ema_decay)
     samples_seen += batch_size
     step += 1
     stop = stop_flag(sigterm_step is not None)
+    # ---- the step ends: the log, eval and checkpoint points below may wait for the device
 
     done = samples_seen >= samples
     # a log point: every log_every samples, at the end, and before a SIGTERM checkpoint
@@ -681,11 +670,14 @@ while samples_seen < samples:
 if step > start_step:  # (a finished stage run again only redoes its final evaluation)
     save_checkpoint()
 train_s = time.time() - t_start
+final_loader = datalib.val_loader(val_data, val_tf, final_eval_batch(), final_eval_samples or None, rank, world,
+                                  num_workers)
 clean, robust, n_eval = evaluate_pgd(eval_model, final_loader, eval_eps or eps, eval_pgd_steps, eval_step_size,
                                      norm, autocast=eval_autocast)
 results = {'clean_acc': clean, 'pgd20_acc': robust, 'eps': eval_eps or eps, 'samples': samples_seen,
            'wall_s': time.time() - t_start, 'train_s': train_s, 'eval_images': n_eval, 'img_size': img_size,
-           'model': model, 'compute_1e10': compute_prev + compute_1e10, 'eval_dtype': eval_dtype}
+           'model': model, 'compute_1e10': compute_prev + compute_1e10, 'eval_dtype': eval_dtype,
+           'eval_precision': 'bf16 autocast' if eval_dtype == 'bfloat16' else 'fp32 (TF32 off)'}
 write_log({**progress(), 'clean_acc': clean, 'pgd20_acc': robust, 'compute_1e10': results['compute_1e10'], 'final': True})
 if master:
     with open(os.path.join(out_dir, 'results.json.tmp'), 'w') as f:

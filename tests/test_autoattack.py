@@ -2,11 +2,10 @@
 unchanged), on tiny MLPs over 3x8x8 inputs with 10 classes, CPU, one thread.
 
 Fast tests run the official attack hyper-parameters except where noted (fewer Square queries,
-fewer iterations in the resume / ranks / ball tests); the full standard runs are marked slow."""
+fewer iterations in the resume / out-of-memory / ball tests); the full standard runs are marked
+slow. Two ranks: tests/test_eval_distributed.py."""
 import math
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -166,6 +165,15 @@ def test_apgd_trajectory_bitwise(plain, norm, loss):
     assert (plain(x_found2[fooled2]).argmax(1) != y[fooled2]).all()
 
 
+def test_apgd_l1_when_every_point_leaves_at_a_checkpoint(plain):
+    """Under 50 iterations L1 APGD checks its step size every iteration, also right after the
+    last points of the batch were fooled and left it (an empty batch)."""
+    x, y = make_data(20, seed=3)
+    keep = plain(x).argmax(1) == y
+    fooled, x_found, _, _ = ea.apgd(plain, x[keep], y[keep], 'L1', 40.0, 10)
+    assert fooled.all() and (plain(x_found).argmax(1) != y[keep]).all()
+
+
 @pytest.mark.parametrize('norm', ['Linf', 'L2', 'L1'])
 def test_fab_trajectory_bitwise(plain, norm):
     x, y = make_data(48, seed=5)
@@ -272,38 +280,114 @@ def test_resume_equals_uninterrupted(plain, tmp_path, stop_at):
         ea.evaluate(plain, x.flip(-1), y, log=quiet, state_path=path, **kw)
 
 
-RANK_SCRIPT = """
-import sys, torch, torch.distributed as dist
-sys.path.insert(0, {root!r})
-import eval_autoattack as ea
-torch.set_num_threads(1)
-rank, port = int(sys.argv[1]), sys.argv[2]
-dist.init_process_group('gloo', init_method='tcp://127.0.0.1:' + port, rank=rank, world_size=2)
-model, x, y, kw = torch.load({inp!r}, weights_only=False)
-r = ea.evaluate(model, x, y, log=lambda s: None, **kw)
-if rank == 0:
-    torch.save((r['counts'], r['x_adv'], r['robust']), {out!r})
-dist.destroy_process_group()
-"""
+class OOMOnce(nn.Module):
+    """The model, except that its forward pass number `at` raises an out-of-memory error; arm(k):
+    the k-th forward pass from now."""
+    def __init__(self, model, at=0):
+        super().__init__()
+        self.model, self.at, self.calls = model, at, 0
+
+    def arm(self, k):
+        self.at = self.calls + k
+
+    def forward(self, inp):
+        self.calls += 1
+        if self.calls == self.at:
+            raise torch.OutOfMemoryError('CUDA out of memory (simulated)')
+        return self.model(inp)
 
 
-def test_two_gloo_ranks_same_counts(plain, tmp_path):
+def test_out_of_memory_halves_the_batch(plain, tmp_path):
+    """An out-of-memory error at the first forward pass at batch 16 gives the run at batch 8, with
+    one line saying so; after one in the middle of APGD-T, a kill and a resume keep batch 8."""
     x, y = make_data(60, seed=5)
-    kw = dict(norm='Linf', eps=0.03, batch_size=16, overrides=FAST)
-    one = ea.evaluate(plain, x, y, log=quiet, **kw)
-    inp, out, script = tmp_path / 'in.pt', tmp_path / 'out.pt', tmp_path / 'rank.py'
-    torch.save((plain, x, y, kw), inp)
-    root = os.path.join(os.path.dirname(__file__), '..')
-    script.write_text(RANK_SCRIPT.format(root=os.path.abspath(root), inp=str(inp), out=str(out)))
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = str(s.getsockname()[1])
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), port], env=env) for r in range(2)]
-    assert all(p.wait(timeout=120) == 0 for p in procs)
-    counts, x_adv, rob = torch.load(out)
-    assert counts == one['counts']
-    assert torch.equal(x_adv, one['x_adv']) and torch.equal(rob, one['robust'])
+    kw = dict(norm='Linf', eps=0.03, version='custom', attacks=['apgd-ce', 'apgd-t'],
+              overrides=dict(FAST, apgd_restarts=1))
+    half = ea.evaluate(plain, x, y, batch_size=8, log=quiet, **kw)
+    assert not torch.equal(half['x_adv'], ea.evaluate(plain, x, y, batch_size=16, log=quiet, **kw)['x_adv'])
+    lines = []
+    r = ea.evaluate(OOMOnce(plain, 1), x, y, batch_size=16, log=lines.append, **kw)
+    assert [line for line in lines if 'memory' in line] == ['out of memory at batch size 16: 8 from here on '
+                                                            '(--bs 8 starts there)']
+    assert r['counts'] == half['counts'] and r['batch_sizes'] == [8]
+    assert torch.equal(r['robust'], half['robust']) and torch.equal(r['x_adv'], half['x_adv'])
+
+    def run(log_too=quiet, **more):  # out of memory at the 5th forward pass of APGD-T's first batch (of 16)
+        m = OOMOnce(plain)
+
+        def log(line):
+            if line.startswith('robust accuracy after APGD-CE'):
+                m.arm(5)
+            log_too(line)
+        return ea.evaluate(m, x, y, batch_size=16, log=log, **kw, **more)
+    once = run()
+    assert once['batch_sizes'] == [8]
+
+    def stop(line):
+        if line.startswith('apgd-t: batch 2'):
+            raise Stop
+    path = str(tmp_path / 'state.pt')
+    with pytest.raises(Stop):
+        run(stop, state_path=path)
+    lines = []
+    res = ea.evaluate(plain, x, y, batch_size=16, log=lines.append, state_path=path, **kw)
+    assert any(line.startswith('resuming') and line.endswith('batch size 8') for line in lines)
+    assert res['counts'] == once['counts'] and torch.equal(res['x_adv'], once['x_adv'])
+    with pytest.raises(SystemExit, match='out of memory'):  # no batch is small enough
+        ea.evaluate(OOMOnce(plain, 1), x, y, batch_size=1, log=quiet, **kw)
+
+
+def pico_checkpoint(path, arch='vit_pico_patch4'):
+    """A checkpoint of a freshly initialised preset, as train.py's hold it; returns its model_args."""
+    import dataclasses
+    import model as model_lib
+    m = model_lib.create_model(arch)
+    torch.save({'model': m.timm_state_dict(), 'model_args': dataclasses.asdict(m.config)}, path)
+    return dataclasses.asdict(m.config)
+
+
+def test_batch_size_from_the_memory_plan(tmp_path, monkeypatch, capsys):
+    """--bs 0 picks the largest batch whose memory plan fits the device's free memory (a fake
+    figure here; the CPU has none: the official 250, capped by the points); --dry_run says which
+    in one line and attacks nothing."""
+    import memplan
+    ckpt = tmp_path / 'ckpt.pt'
+    args = pico_checkpoint(ckpt)
+    fixed, per_image = memplan.eval_line(args, 32, image_copies=ea.IMAGE_COPIES)
+    planned = lambda b: fixed + per_image * b
+    assert memplan.eval_activation_line(args, 32)[1] < per_image  # the images are counted too
+    budget = planned(37) + per_image // 2
+    free = int(budget / ea.FREE_FRACTION) + 1
+    assert planned(37) <= int(ea.FREE_FRACTION * free) < planned(38)
+    monkeypatch.setattr(ea, '_free_bytes', lambda device: free)
+    r = ea.main(['--ckpt', str(ckpt), '--n_ex', '100', '--dry_run'])
+    assert r['batch_size'] == 37 and 'memory plan' in r['batch_size_from']
+    r = ea.main(['--ckpt', str(ckpt), '--n_ex', '20', '--dry_run'])
+    assert r['batch_size'] == 20  # never more than the points
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 2 and out[0].startswith('dry run:') and 'batch 37 per rank' in out[0]
+    monkeypatch.setattr(ea, '_free_bytes', lambda device: fixed)  # not even one image: tries one anyway
+    r = ea.main(['--ckpt', str(ckpt), '--n_ex', '100', '--dry_run'])
+    assert r['batch_size'] == 1 and 'does not fit' in r['batch_size_from']
+    monkeypatch.undo()
+    assert ea.main(['--ckpt', str(ckpt), '--n_ex', '300', '--dry_run'])['batch_size'] == 250
+    assert ea.main(['--ckpt', str(ckpt), '--n_ex', '30', '--dry_run', '--bs', '7'])['batch_size'] == 7
+    assert not list(tmp_path.glob('*.json'))
+    with pytest.raises(SystemExit, match='--data'):
+        ea.main(['--ckpt', str(ckpt), '--dry_run', '--data', str(tmp_path / 'nope')])
+
+
+def test_pgd20_out_of_memory_reruns_at_half(tmp_path, monkeypatch, capsys):
+    """--pgd20: an out-of-memory error mid-way reruns this rank's points at half the batch."""
+    ckpt = tmp_path / 'ckpt.pt'
+    pico_checkpoint(ckpt)
+    cli = ['--ckpt', str(ckpt), '--n_ex', '8', '--pgd20', '--eps', '4/255']
+    half = ea.main(cli + ['--bs', '2'])
+    load = ea.load_model
+    monkeypatch.setattr(ea, 'load_model', lambda *a, **k: OOMOnce(load(*a, **k), 7))  # in the first PGD-20
+    r = ea.main(cli + ['--bs', '4'])
+    assert 'out of memory at batch size 4: 2 from here on' in capsys.readouterr().out
+    assert (r['n'], r['n_clean'], r['n_robust']) == (half['n'], half['n_clean'], half['n_robust'])
 
 
 # ----------------------------------------------------------------------------- checks, config
@@ -371,16 +455,37 @@ def test_cli_missing_data_is_one_line(tmp_path):
 @pytest.mark.parametrize('arch', ['vit_pico_patch4', 'convnext_demo'])
 def test_cli_smoke(tmp_path, arch):
     """The command line on the demo val set with a freshly built checkpoint of either architecture."""
-    import dataclasses
-    import model as model_lib
-    m = model_lib.create_model(arch)
     ckpt = tmp_path / 'ckpt.pt'
-    torch.save({'model': m.timm_state_dict(), 'model_args': dataclasses.asdict(m.config)}, ckpt)
+    pico_checkpoint(ckpt, arch)
     r = ea.main(['--ckpt', str(ckpt), '--n_ex', '6', '--attacks', 'apgd-ce', '--eps', '1/255', '--save_examples'])
     assert os.path.exists(tmp_path / 'autoattack_Linf_1-255.json') and r['n'] == 6
     assert list(r['per_attack']) == ['apgd-ce'] and r['nonstandard'] == []
     r = ea.main(['--ckpt', str(ckpt), '--n_ex', '6', '--pgd20', '--eps', '1/255'])
     assert os.path.exists(tmp_path / 'pgd20_Linf_1-255.json') and 0 <= r['robust_acc'] <= r['clean_acc']
+
+
+def test_zero_shot_classifier_is_the_one_training_evaluated_with(tmp_path):
+    """A CLIP run of train.py in bf16 (its classifier differs from an fp32 one): load_model's
+    zero-shot classifier is the one train.py evaluated with, read from the checkpoint or, for a
+    checkpoint without it, rebuilt from the run's tower, seed, precision, class names and prompts."""
+    import subprocess
+    import demo_data
+    from checkpoint import read_checkpoint
+    root = demo_data.ensure_demo(str(tmp_path / 'demo'), n_train=32, n_val=10, shard_size=32)
+    r = subprocess.run([sys.executable, 'train.py', 'config/demo_clip.py', f'--train_data={root}/shards/train-0000.tar',
+                        f'--val_data={root}/val', '--model=vit_pico_patch4', '--text_tower=tiny-text', '--samples=16',
+                        '--batch_size=16', '--log_every=16', '--warmup_samples=0', '--eps_warmup=0', '--num_workers=0',
+                        '--shuffle_buffer=16', '--final_eval_samples=4', '--dtype=bfloat16',
+                        f'--out_dir={tmp_path}/web'],
+                       cwd=os.path.join(os.path.dirname(__file__), '..'), env={**os.environ, 'OMP_NUM_THREADS': '1'},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ckpt = dict(read_checkpoint(str(tmp_path / 'web')))
+    evaluated = ckpt.pop('zeroshot_weights')
+    assert torch.equal(ea.load_model(str(tmp_path / 'web')).weights, evaluated)
+    torch.save(ckpt, tmp_path / 'without.pt')  # as written before checkpoints held the classifier
+    assert torch.equal(ea.load_model(str(tmp_path / 'without.pt')).weights, evaluated)
+    assert not torch.equal(ea.training_zeroshot_weights(dict(ckpt['config'], dtype='float32')), evaluated)
 
 
 def test_save_examples_grid(tmp_path):

@@ -1,4 +1,4 @@
-"""CPU tests for the contrastive (web-data) path: clip_head.py and data.py's webdataset reader."""
+"""CPU tests for the contrastive (web-data) path: clip_head.py and webdata.py's shard reader and stream."""
 import copy
 import io
 import math
@@ -21,7 +21,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import clip_head as ch  # noqa: E402
-import data as wd  # noqa: E402
+import webdata  # noqa: E402
 from model import create_model  # noqa: E402
 
 N_SHARDS, PER_SHARD = 8, 4
@@ -79,8 +79,8 @@ def test_streams_see_disjoint_shards_within_a_pass(shards):
     # 2 ranks x 2 workers, batch = one shard, no shuffle: each batch is one whole shard
     seen = []
     for rank in range(2):
-        loader = wd.web_loader(str(shards / '{00000..00007}.tar'), 16, PER_SHARD, rank=rank, world_size=2,
-                               num_workers=2, shuffle_buffer=1, seed=3)
+        loader = webdata.web_loader(str(shards / '{00000..00007}.tar'), 16, PER_SHARD, rank=rank, world_size=2,
+                                    num_workers=2, shuffle_buffer=1, seed=3)
         it = iter(loader)
         for _ in range(N_SHARDS // 2):  # one pass: 8 shards over 4 streams
             batch = next(it)
@@ -95,18 +95,18 @@ def test_streams_see_disjoint_shards_within_a_pass(shards):
     # the shard order: each pass a permutation, also with fewer shards than streams
     for n, G in ((8, 4), (3, 4)):
         for p in range(3):
-            assert sorted(wd.shard_index(p * n + i, n, 0) for i in range(n)) == list(range(n))
+            assert sorted(webdata.shard_index(p * n + i, n, 0) for i in range(n)) == list(range(n))
 
 
 def test_resume_is_exact(shards):
     kw = dict(pattern=str(shards / '{00000..00007}.tar'), img_size=16, batch_size=3, num_workers=2,
               shuffle_buffer=6, seed=1)
     ref = []
-    for i, b in enumerate(wd.web_loader(**kw)):
+    for i, b in enumerate(webdata.web_loader(**kw)):
         ref.append(b)
         if i == 7:
             break
-    first = wd.web_loader(**kw)
+    first = webdata.web_loader(**kw)
     for i, b in enumerate(first):
         assert b.key == ref[i].key
         if i == 2:
@@ -114,7 +114,7 @@ def test_resume_is_exact(shards):
     buf = io.BytesIO()
     torch.save(first.state_dict(), buf)
     state = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
-    resumed = wd.web_loader(**kw, state=state)
+    resumed = webdata.web_loader(**kw, state=state)
     for i, b in enumerate(resumed, start=3):
         assert b.key == ref[i].key
         assert torch.equal(b.image, ref[i].image)  # same crops and flips too
@@ -125,8 +125,8 @@ def test_resume_is_exact(shards):
 
 
 def test_bad_samples_and_shards_are_skipped_and_counted(shards, capsys):
-    loader = wd.web_loader(str(shards / 'bad' / '{a,b,c}.tar'), 16, 1, num_workers=0, shuffle_buffer=1)
-    keys, skipped = [], {k: 0 for k in wd.SKIP_KINDS}
+    loader = webdata.web_loader(str(shards / 'bad' / '{a,b,c}.tar'), 16, 1, num_workers=0, shuffle_buffer=1)
+    keys, skipped = [], {k: 0 for k in webdata.SKIP_KINDS}
     for i, b in enumerate(loader):
         keys.append(b.key[0])
         skipped = {k: skipped[k] + loader.skipped_last[k] for k in skipped}
@@ -137,7 +137,7 @@ def test_bad_samples_and_shards_are_skipped_and_counted(shards, capsys):
     assert loader.skipped == {'bad_samples': 1, 'bad_shards': 1} == skipped
     assert 'c.tar' in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        wd.expand_shards(str(shards / 'bad' / '{a,b,c,d}.tar'))
+        webdata.expand_shards(str(shards / 'bad' / '{a,b,c,d}.tar'))
     assert 'd.tar' in str(e.value) and '\n' not in str(e.value)
 
 
@@ -248,6 +248,12 @@ def test_zeroshot_head(tower):
     ft.head = ch.head_from_zeroshot(model, w, feature_norm=z[0].norm().item())
     with torch.no_grad():
         assert torch.allclose(ft(x[:1]), zs_logits[:1], atol=1e-4)
+    # under the training's bf16 autocast the logits stay fp32 (bf16's spacing at 25 is 0.125: ties, zero DLR gaps)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        half = zs(x)
+        feats = F.normalize(model(x).float(), dim=-1)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, 100.0 * feats @ w.float().T, rtol=0, atol=1e-5)
 
 
 # -------------------------------------------------------------------- text tower
@@ -338,8 +344,8 @@ def test_train_py_web_stage_then_zero_shot_then_fine_tune(tmp_path):
     import json
     import subprocess
     import sys
-    import data
-    root = data.ensure_demo(str(tmp_path / 'demo'), n_train=1200, n_val=200, shard_size=200)
+    import demo_data
+    root = demo_data.ensure_demo(str(tmp_path / 'demo'), n_train=1200, n_val=200, shard_size=200)
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     common = ['config/demo_clip.py', f"--train_data={root}/shards/train-{{0000..0005}}.tar",
               f'--val_data={root}/val',

@@ -55,5 +55,23 @@ def test_memory_plan_components():
     plan = memplan.memory_plan(args, 16, 32, pgd_steps=2, dtype='float32', ema=True, text_tower='tiny-text')
     assert plan['parameters'] == plan['gradients'] == plan['ema'] == 4 * n and plan['adamw_state'] == 8 * n
     assert plan['text_tower'] > 0 and plan['attack_activations'] > 0 and plan['train_activations'] > 0
-    static = sum(v for k, v in plan.items() if k != 'peak' and not k.endswith('_activations'))
-    assert plan['peak'] == static + max(plan['attack_activations'], plan['train_activations'])
+    static = sum(v for k, v in plan.items() if k not in ('peak', 'eval_batch') and not k.endswith('_activations'))
+    assert plan['peak'] == static + max(plan['attack_activations'], plan['train_activations'],
+                                        plan['eval_activations'])
+    assert plan['eval_batch'] == 16  # no budget: the micro batch
+
+
+def test_plan_covers_the_fp32_final_evaluation_and_fits_its_batch():
+    """bf16 training, fp32 final PGD at the micro batch: the evaluation is the peak, counted as a
+    direct fp32 count of an attack step; with a budget, its batch is the largest that fits."""
+    args = asdict(M.create_model('vit_small_patch16', depth=4, img_size=64).config)
+    plan = memplan.memory_plan(args, 16, 64, pgd_steps=1, dtype='bfloat16')
+    count = direct(args, 16, 64, 'attack')
+    assert abs(plan['eval_activations'] - count) <= 0.1 * count, (plan['eval_activations'], count)
+    assert plan['eval_activations'] > plan['train_activations'] > plan['attack_activations']
+    static = plan['peak'] - plan['eval_activations']
+    fixed, per_image = memplan.eval_activation_line(args, 64)
+    budget = static + fixed + 5.5 * per_image  # room for 5 images, not 6
+    fitted = memplan.memory_plan(args, 16, 64, pgd_steps=1, dtype='bfloat16', budget=budget)
+    assert fitted['eval_batch'] == 5 and fitted['peak'] <= budget
+    assert memplan.memory_plan(args, 16, 64, 1, dtype='bfloat16', budget=budget, eval_batch=12)['eval_batch'] == 12

@@ -206,10 +206,22 @@ def test_fare_loss_zero_at_start_and_frozen_copy_stays_out_of_training():
     assert all(not p.requires_grad and p.grad is None for p in fare.orig.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, fare.orig.parameters()))
     assert not fare.orig.training and fare(vit.eval()(x), target).item() > 0
-    # bf16 copy (what CUDA gets): same targets to bf16 precision
+
+
+def test_fare_loss_under_bf16_autocast_is_zero_at_start():
+    # bf16 training: the copy keeps fp32 weights and buffers (CLIP's mean/std, norms, pos_embed) and
+    # runs under the same autocast, so at step 0 phi_orig(x) == phi(x) to the bit
+    torch.manual_seed(0)
+    vit = M.from_open_clip(build(TINY)).eval()
     half = ch.FareLoss(vit, dtype=torch.bfloat16)
-    assert next(half.orig.parameters()).dtype == torch.bfloat16
-    assert rel_err(half.targets(x), fare.targets(x)) > 0 and rel_err(half.targets(x), ch.FareLoss(vit).targets(x)) < 0.1
+    assert all(t.dtype == torch.float32 for t in list(half.orig.parameters()) + list(half.orig.buffers())
+               if t.is_floating_point())
+    x = torch.rand(4, 3, 32, 32)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        emb = vit(x)
+        assert emb.dtype == torch.bfloat16  # the autocast really ran the tower in bf16
+        assert half(emb, half.targets(x)).item() == 0.0
+    assert 0 < rel_err(half.targets(x), ch.FareLoss(vit).targets(x)) < 0.1  # bf16 targets, to bf16 precision
 
 
 def test_pgd_maximises_the_fare_and_tecoa_losses():
