@@ -133,7 +133,7 @@ def read_config(path):
     """{key: value} of what a config file and its base set (no script defaults)."""
     scope, origin = {}, {}
     _run_config(path, scope, origin)
-    return {k: scope[k] for k in origin}
+    return {k: scope[k] for k in origin if k in scope and not k.startswith('_')}  # (not a comprehension's names)
 
 
 def config_values(g):

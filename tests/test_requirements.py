@@ -5,18 +5,14 @@ import re
 
 import pytest
 
+import configurator
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, 'config')) if not f.startswith('demo'))
 
 
 def config_scope(name):
-    scope, cwd = {}, os.getcwd()
-    os.chdir(ROOT)  # configs exec their base config by a relative path
-    try:
-        exec(open(os.path.join('config', name)).read(), scope)
-    finally:
-        os.chdir(cwd)
-    return scope
+    return configurator.read_config(os.path.join(ROOT, 'config', name))
 
 
 def listed(req_file):
