@@ -110,7 +110,7 @@ def activation_bytes(model_args, micro, img_size, kind, mask_ratio=0.0, mask_kin
 
 def tower_params(name):
     """Parameter count of an open_clip model's text side, built on the meta device (no weights)."""
-    from clip_head import _open_clip
+    from open_clip_interop import _open_clip
     open_clip = _open_clip()  # with this project's tiny configs registered
     with torch.device('meta'):
         clip = open_clip.create_model(name, pretrained=None, device='meta')

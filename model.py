@@ -20,8 +20,6 @@ from torch.utils.checkpoint import checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's (and every open_clip ViT's) preprocessing
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -43,7 +41,7 @@ class ViTConfig:
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
     grad_ckpt: bool = False        # activation checkpointing per block (memory for ViT-H/g)
-    # CLIP image towers (open_clip / OpenAI layout, see from_open_clip); the defaults are timm's ViT
+    # CLIP image towers (open_clip / OpenAI layout, see open_clip_interop.py); the defaults are timm's ViT
     patch_bias: bool = True        # CLIP's patch embedding conv has no bias
     pre_norm: bool = False         # LayerNorm on the tokens before the blocks (CLIP's ln_pre, timm's norm_pre)
     act: str = 'gelu'              # MLP activation: 'gelu' (exact) or 'quick_gelu' (x * sigmoid(1.702 x), OpenAI CLIP)
@@ -284,7 +282,7 @@ class ViT(nn.Module):
     def timm_state_dict(self):
         return {k: v.detach().clone() for k, v in self.state_dict().items()}
 
-    def load_timm_state_dict(self, sd, skip_head=False):
+    def load_weights(self, sd, skip_head=False):
         """Load a timm-layout ViT state dict (timm's own, the official AdvXL checkpoints, or
         ours), optionally wrapped in 'state_dict'/'model' and prefixed 'module.'/'base_model.'.
         The position embedding is resized when the file was trained at another resolution.
@@ -299,18 +297,6 @@ class ViT(nn.Module):
         self.load_state_dict(sd, strict=not skip_head)
         self._pos_cache = {}
         return self
-
-    # ---------------------------------------------------------------- open_clip interop
-    def open_clip_state_dict(self):
-        """This tower in open_clip's VisionTransformer layout (`oc.visual.load_state_dict(...)`
-        loads it strictly): the inverse of from_open_clip. Needs the CLIP layout: class token,
-        'token' pooling, no patch or head bias (the head is the projection)."""
-        c = self.config
-        if not (c.class_token and c.global_pool == 'token' and c.qkv_bias and not c.patch_bias and not c.head_bias):
-            raise ValueError(f"{self.describe()} is not in open_clip's layout (needs class_token, global_pool='token', "
-                             f"qkv_bias, patch_bias=False, head_bias=False; from_open_clip builds such a tower)")
-        ours = self.state_dict()
-        return {theirs: _to_open_clip(k, ours[k]).detach().clone() for k, theirs in _open_clip_keys(c.depth, c.pre_norm)}
 
     def describe(self):
         c = self.config
@@ -470,7 +456,7 @@ class ConvNeXt(nn.Module):
     def timm_state_dict(self):
         return {k: v.detach().clone() for k, v in self.state_dict().items()}
 
-    def load_timm_state_dict(self, sd, skip_head=False):
+    def load_weights(self, sd, skip_head=False):
         """Load a timm convnext_* state dict (or ours), wrapped and prefixed as ViT's loader
         accepts. skip_head=True leaves head.fc as it is (a new task); head.norm is loaded."""
         sd, own = state_dicts_to_match(self, sd, skip_head)
@@ -571,148 +557,12 @@ def model_from_file(path, arch=None, **overrides):
         args = ckpt['model_args']
     else:
         args = asdict(config_from_timm_state_dict(ckpt, arch))
-    return build_model({**args, **overrides}).load_timm_state_dict(ckpt)
+    return build_model({**args, **overrides}).load_weights(ckpt)
 
 
 # -------------------------------------------------------------------- open_clip image towers
-# open_clip's VisionTransformer (OpenAI CLIP's layout) is our ViT with: a bias-free patch conv, the class
-# and position embeddings followed by a LayerNorm (ln_pre) before the blocks, nn.MultiheadAttention's fused
-# in_proj (q, k, v stacked like our qkv), QuickGELU for the OpenAI weights, the class token after ln_post,
-# and a bias-free projection `x @ proj` as the head. Only this standard layout is supported.
-_OPEN_CLIP_BLOCK = [('norm1', 'ln_1'), ('attn.qkv', 'attn.in_proj'), ('attn.proj', 'attn.out_proj'),
-                    ('norm2', 'ln_2'), ('mlp.fc1', 'mlp.c_fc'), ('mlp.fc2', 'mlp.c_proj')]
-
-
-def _open_clip_keys(depth, pre_norm=True):
-    """(our key, open_clip key) for every tensor of a CLIP image tower."""
-    pairs = [('patch_embed.proj.weight', 'conv1.weight'), ('cls_token', 'class_embedding'),
-             ('pos_embed', 'positional_embedding'), ('norm.weight', 'ln_post.weight'),
-             ('norm.bias', 'ln_post.bias'), ('head.weight', 'proj')]
-    if pre_norm:
-        pairs += [('norm_pre.weight', 'ln_pre.weight'), ('norm_pre.bias', 'ln_pre.bias')]
-    for i in range(depth):
-        for ours, theirs in _OPEN_CLIP_BLOCK:
-            # nn.MultiheadAttention names its fused projection in_proj_weight / in_proj_bias
-            sep = '_' if theirs == 'attn.in_proj' else '.'
-            pairs += [(f'blocks.{i}.{ours}.{w}', f'transformer.resblocks.{i}.{theirs}{sep}{w}') for w in ('weight', 'bias')]
-    return pairs
-
-
-def _to_open_clip(key, t):
-    if key == 'cls_token':
-        return t.reshape(-1)          # (1, 1, D) -> (D,)
-    if key == 'pos_embed':
-        return t[0]                   # (1, 1 + N, D) -> (1 + N, D)
-    if key == 'head.weight':
-        return t.t().contiguous()     # Linear (E, D) -> proj (D, E), used as x @ proj
-    return t
-
-
-def _from_open_clip(key, t):
-    if key == 'cls_token':
-        return t.reshape(1, 1, -1)
-    if key == 'pos_embed':
-        return t.unsqueeze(0)
-    if key == 'head.weight':
-        return t.t().contiguous()
-    return t
-
-
-def open_clip_visual_state_dict(m):
-    """The image tower's state dict in open_clip's layout, from an open_clip CLIP model, its
-    .visual, or a state dict (full, with 'visual.' keys, or the visual tower's own)."""
-    if isinstance(m, nn.Module):
-        visual = getattr(m, 'visual', m)
-        if not hasattr(visual, 'conv1') or not hasattr(visual, 'transformer'):
-            raise ValueError(f"{type(visual).__name__} is not open_clip's VisionTransformer (timm or ResNet towers "
-                             f"are not supported)")
-        return visual.state_dict()
-    sd = clean_state_dict(m)
-    if any(k.startswith('visual.') for k in sd):
-        sd = {k[len('visual.'):]: v for k, v in sd.items() if k.startswith('visual.')}
-    return sd
-
-
-def clip_vit_config(img_size, patch_size, width, depth, embed_dim, mlp_ratio=4.0, num_heads=None, act='gelu',
-                    pre_norm=True, norm_eps=1e-5, in_chans=3, mean=CLIP_MEAN, std=CLIP_STD):
-    """ViTConfig of a CLIP image tower in open_clip's layout; heads default to open_clip's
-    width // 64 (its head_width)."""
-    return ViTConfig(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=width, depth=depth,
-                     num_heads=num_heads or max(1, width // 64), mlp_ratio=mlp_ratio, qkv_bias=True, class_token=True,
-                     global_pool='token', embed_out=embed_dim, norm_eps=norm_eps, mean=tuple(mean), std=tuple(std),
-                     patch_bias=False, pre_norm=pre_norm, act=act, head_bias=False)
-
-
-def open_clip_config(sd, act='gelu', norm_eps=1e-5, num_heads=None, mean=CLIP_MEAN, std=CLIP_STD):
-    """ViTConfig of an open_clip visual state dict, read off the weights (heads cannot be)."""
-    if 'conv1.weight' not in sd or 'transformer.resblocks.0.attn.in_proj_weight' not in sd:
-        raise ValueError("not an open_clip ViT image tower state dict (no conv1.weight / transformer.resblocks.0.attn.in_proj_weight)")
-    if 'proj' not in sd:
-        raise ValueError("open_clip image tower without a projection ('proj') is not supported")
-    w = sd['conv1.weight']
-    D, C, p = w.shape[0], w.shape[1], w.shape[2]
-    if w.shape[2] != w.shape[3]:
-        raise ValueError(f"non-square patches {tuple(w.shape[2:])} are not supported")
-    depth = 1 + max(int(k.split('.')[2]) for k in sd if k.startswith('transformer.resblocks.'))
-    n = sd['positional_embedding'].shape[0] - 1
-    g = int(math.sqrt(n))
-    if g * g != n:
-        raise ValueError(f"positional_embedding of {n} patches is not a square grid")
-    hidden = sd['transformer.resblocks.0.mlp.c_fc.weight'].shape[0]
-    mlp_ratio = hidden / D
-    if int(D * mlp_ratio) != hidden:  # the Block rebuilds hidden = int(D * mlp_ratio): guard float rounding
-        mlp_ratio = math.nextafter(mlp_ratio, math.inf)
-    return clip_vit_config(g * p, p, D, depth, sd['proj'].shape[1], mlp_ratio, num_heads, act,
-                           'ln_pre.weight' in sd, norm_eps, C, mean, std)
-
-
-def _open_clip_act(visual):
-    fn = visual.transformer.resblocks[0].mlp.gelu
-    if type(fn).__name__ == 'QuickGELU':
-        return 'quick_gelu'
-    if isinstance(fn, nn.GELU) and fn.approximate == 'none':
-        return 'gelu'
-    raise ValueError(f"unsupported open_clip MLP activation {fn!r} (exact GELU or QuickGELU only)")
-
-
 def from_open_clip(m, img_size=None, quick_gelu=None, num_heads=None):
-    """Our ViT from an open_clip CLIP model, its .visual (open_clip.transformer.VisionTransformer)
-    or a state dict (full or visual). It outputs oc.encode_image((x - mean) / std) for [0,1]
-    images x: CLIP's mean/std are inside, the head is the projection (embed_out = its width).
-    From a module the activation, norm eps and heads are read off it; a bare state dict does
-    not say its activation, so pass quick_gelu (True for OpenAI's weights and '-quickgelu'
-    models). img_size: another resolution (the position embedding is resized, bicubic)."""
-    mean, std, eps = CLIP_MEAN, CLIP_STD, 1e-5
-    if isinstance(m, nn.Module):
-        visual = getattr(m, 'visual', m)
-        sd = open_clip_visual_state_dict(visual)
-        act = _open_clip_act(visual)
-        if quick_gelu is not None and quick_gelu != (act == 'quick_gelu'):
-            raise ValueError(f"quick_gelu={quick_gelu} contradicts the model's activation ({act})")
-        if getattr(visual, 'attn_pool', None) is not None or getattr(visual, 'pool_type', 'tok') != 'tok':
-            raise ValueError("only class-token pooling is supported (no attentional pooler, no 'avg' pool_type)")
-        eps = visual.ln_post.eps
-        num_heads = num_heads or visual.transformer.resblocks[0].attn.num_heads
-        mean = getattr(visual, 'image_mean', None) or mean
-        std = getattr(visual, 'image_std', None) or std
-    else:
-        sd = open_clip_visual_state_dict(m)
-        if quick_gelu is None:
-            raise ValueError("a bare state dict does not say its activation: pass quick_gelu=True (OpenAI weights, "
-                             "'-quickgelu' models) or quick_gelu=False")
-        act = 'quick_gelu' if quick_gelu else 'gelu'
-    cfg = open_clip_config(sd, act, eps, num_heads, mean, std)
-    pairs = _open_clip_keys(cfg.depth, cfg.pre_norm)
-    extra = sorted(set(sd) - {theirs for _, theirs in pairs})
-    if extra:  # layer scale, attentional pooler, custom blocks ...: not this layout
-        raise ValueError(f"unsupported open_clip image tower: unexpected keys {extra[:6]}{'...' if len(extra) > 6 else ''}")
-    with torch.device('meta'):  # no random init of weights that are overwritten at once (seconds for ViT-L)
-        vit = ViT(cfg)
-    vit.load_state_dict({ours: _from_open_clip(ours, sd[theirs]).detach().float().clone() for ours, theirs in pairs},
-                        assign=True)
-    vit.mean, vit.std = torch.tensor(cfg.mean).view(1, -1, 1, 1), torch.tensor(cfg.std).view(1, -1, 1, 1)
-    if any(t.is_meta for t in [*vit.parameters(), *vit.buffers()]):
-        raise RuntimeError("from_open_clip left a tensor unset: a new ViT buffer needs setting here")
-    if img_size and img_size != cfg.img_size:
-        vit = ViT(ViTConfig(**{**asdict(cfg), 'img_size': img_size})).load_timm_state_dict(vit.state_dict())
-    return vit
+    """Our ViT from an open_clip model or state dict: open_clip_interop.from_open_clip, where all
+    of the open_clip layout lives (imported when called: it builds on this file's ViT)."""
+    import open_clip_interop
+    return open_clip_interop.from_open_clip(m, img_size, quick_gelu, num_heads)

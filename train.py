@@ -31,11 +31,12 @@ import demo_data
 import webdata
 from attack import TrueFp32, evaluate_pgd, pgd
 from clip_head import (ContrastiveLoss, FareLoss, ZeroShotClassifier, attack_loss_fn, head_from_zeroshot,
-                       imagenet_classnames, is_clip_run, is_open_clip_spec, load_open_clip_image_tower, load_text_tower,
-                       open_clip_text_source, open_clip_tower_config, tecoa_loss_fn, zeroshot_weights)
+                       imagenet_classnames, is_clip_run, tecoa_loss_fn, zeroshot_weights)
 from distributed import StopFlag, init_distributed, threads_per_rank
 from checkpoint import checkpoint_files, read_checkpoint, remove_temp_files, save_checkpoint as write_checkpoint
 from model import PRESETS, build_model, clean_state_dict, config_from_timm_state_dict, create_model, is_convnext
+from open_clip_interop import (is_open_clip_spec, load_open_clip_image_tower, load_text_tower, open_clip_text_source,
+                               open_clip_tower_config)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -134,7 +135,7 @@ config = {k: globals()[k] for k in _config_keys(globals())}  # noqa: F821 (defin
 # what makes a checkpoint in out_dir this stage's own (resume) rather than another stage's (refuse)
 STAGE_KEYS = ('model', 'data', 'train_data', 'img_size', 'samples', 'num_classes', 'norm', 'eps', 'pgd_steps',
               'pgd_step_size', 'mask_ratio', 'mask_kind', 'loss')
-EXACT_KEYS = ('batch_size', 'micro_batch_size', 'num_workers', 'shuffle_buffer')  # resumable, no longer bitwise
+INEXACT_RESUME_KEYS = ('batch_size', 'micro_batch_size', 'num_workers', 'shuffle_buffer')  # resumable, no longer bitwise
 
 
 CLIP_LOSSES = ('tecoa', 'fare')
@@ -152,7 +153,7 @@ def check_same_stage(old_cfg):
         what = ', '.join(f"{k} {old_cfg.get(k)!r} -> {config[k]!r}" for k in differ)
         raise SystemExit(f"{out_dir} holds a checkpoint of another stage ({what}): use another out_dir, or "
                          f"--overwrite=True to start this stage afresh there")
-    inexact = [f"{k} {old_cfg.get(k)!r} -> {config[k]!r}" for k in EXACT_KEYS if old_cfg.get(k) != config[k]]
+    inexact = [f"{k} {old_cfg.get(k)!r} -> {config[k]!r}" for k in INEXACT_RESUME_KEYS if old_cfg.get(k) != config[k]]
     if inexact:
         print(f"warning: resuming with {', '.join(inexact)}: the run continues, but no longer bitwise "
               f"as an uninterrupted one (data order and per-rank randomness change)", file=sys.stderr)
@@ -368,7 +369,7 @@ def start_new_stage(model, src):
     sd = clean_state_dict(src.get('ema') or src.get('model', src))  # a new stage takes the EMA weights if kept
     key = model.classifier_key()
     new_head = sd[key + '.weight'].shape != model.get_classifier().weight.shape
-    model.load_timm_state_dict(sd, skip_head=new_head)
+    model.load_weights(sd, skip_head=new_head)
     if new_head and tower is not None and not web:  # web -> labels: start from the zero-shot classifier
         bias = sd.get(key + '.bias')
         proj = torch.nn.Linear(*sd[key + '.weight'].shape[::-1], bias=bias is not None)
@@ -385,13 +386,13 @@ torch.manual_seed(seed)
 raw_model = build_model(model_args)
 samples_seen, compute_prev, samples_prev = 0, 0.0, 0  # *_prev: earlier stages, for the logs' totals
 if resuming:  # the trained weights (the EMA, if any, is restored below)
-    raw_model.load_timm_state_dict(src['model'])
+    raw_model.load_weights(src['model'])
     samples_seen, compute_prev, samples_prev = src['samples_seen'], src['compute_prev'], src.get('samples_prev', 0)
 elif src is not None:
     new_head, compute_prev, samples_prev = start_new_stage(raw_model, src)
     log(f"init_from {init_from}: {'new head, ' if new_head else ''}{raw_model.describe()}")
 elif from_open_clip:
-    raw_model.load_timm_state_dict(load_open_clip_image_tower(init_from, img_size=img_size).state_dict())
+    raw_model.load_weights(load_open_clip_image_tower(init_from, img_size=img_size).state_dict())
     log(f"init_from {init_from}: open_clip image tower, {raw_model.describe()}")
 if tower is not None and not web:  # a labelled stage needed the text tower for its head only
     tower = None
@@ -401,7 +402,7 @@ if loss == 'fare':  # phi_orig: the starting tower, frozen (a resumed run rebuil
     if resuming:
         start = build_model(model_args)
         if from_open_clip:
-            start.load_timm_state_dict(load_open_clip_image_tower(init_from, img_size=img_size).state_dict())
+            start.load_weights(load_open_clip_image_tower(init_from, img_size=img_size).state_dict())
         else:
             start_new_stage(start, read_checkpoint(init_from))
         fare = FareLoss(start, device, torch_dtype)

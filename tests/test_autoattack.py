@@ -1,5 +1,5 @@
-"""eval_autoattack.py against the official AutoAttack code (pyautoattack 0.2.0 ships it
-unchanged), on tiny MLPs over 3x8x8 inputs with 10 classes, CPU, one thread.
+"""autoattack.py and eval_autoattack.py against the official AutoAttack code (pyautoattack 0.2.0
+ships it unchanged), on tiny MLPs over 3x8x8 inputs with 10 classes, CPU, one thread.
 
 Fast tests run the official attack hyper-parameters except where noted (fewer Square queries,
 fewer iterations in the resume / out-of-memory / ball tests); the full standard runs are marked
@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+import autoattack  # noqa: E402
 import eval_autoattack as ea  # noqa: E402
 
 pyautoattack = pytest.importorskip('pyautoattack')
@@ -123,11 +124,11 @@ def test_l1_projection_matches_bruteforce_and_official(eps):
     x = torch.rand(32, 3, 6, 6, generator=g)
     x[:4] = x[:4].round()  # pixels on the box faces
     z = torch.randn(32, 3, 6, 6, generator=g) * torch.rand(32, 1, 1, 1, generator=g) * 2
-    w = z + ea.l1_projection(x, z, eps)
+    w = z + autoattack.l1_projection(x, z, eps)
     assert (w.flatten(1).abs().sum(1) <= eps + 1e-4).all()  # float32 sums: as the official
     assert ((x + w) >= -1e-6).all() and ((x + w) <= 1 + 1e-6).all()
     torch.testing.assert_close(w.flatten(1).double(), l1_box_projection_bruteforce(x, z, eps), atol=2e-5, rtol=0)
-    assert torch.equal(ea.l1_projection(x, z, eps), L1_projection(x, z, eps))
+    assert torch.equal(autoattack.l1_projection(x, z, eps), L1_projection(x, z, eps))
 
 
 def test_fab_projections_bitwise_official():
@@ -136,9 +137,9 @@ def test_fab_projections_bitwise_official():
     for _ in range(10):
         t, w, b = torch.rand(16, 40, generator=g), torch.randn(16, 40, generator=g), 3 * torch.randn(16, generator=g)
         w[:, :4] = 0
-        assert torch.equal(ea._proj_linf(t, w, b), fp.projection_linf(t, w, b))
-        assert torch.equal(ea._proj_l2(t, w, b), fp.projection_l2(t, w, b))
-        assert torch.equal(ea._proj_l1(t, w, b), fp.projection_l1(t, w, b))
+        assert torch.equal(autoattack._proj_linf(t, w, b), fp.projection_linf(t, w, b))
+        assert torch.equal(autoattack._proj_l2(t, w, b), fp.projection_l2(t, w, b))
+        assert torch.equal(autoattack._proj_l1(t, w, b), fp.projection_l1(t, w, b))
 
 
 # ----------------------------------------------------------------------------- trajectories
@@ -150,17 +151,17 @@ def test_apgd_trajectory_bitwise(plain, norm, loss):
     x, y = make_data(48, seed=5)
     eps = EPS[norm]
     torch.manual_seed(1)
-    x0 = (x + 0.5 * eps * ea._normalize(torch.randn_like(x), norm)).clamp(0, 1)
+    x0 = (x + 0.5 * eps * autoattack._normalize(torch.randn_like(x), norm)).clamp(0, 1)
     if norm == 'L1':
         x0 = x0 + L1_projection(x, x0 - x, eps)
     ref = APGDAttack(plain, n_iter=40, norm=norm, eps=eps, loss=loss, device='cpu')
     ref.init_hyperparam(x)
     r_best, r_acc, r_loss, r_adv = ref.attack_single_run(x, y, x_init=x0)
-    fooled, x_found, x_best, loss_best = ea.apgd(plain, x, y, norm, eps, 40, loss, x_init=x0, drop=False)
+    fooled, x_found, x_best, loss_best = autoattack.apgd(plain, x, y, norm, eps, 40, loss, x_init=x0, drop=False)
     assert torch.equal(x_best, r_best) and torch.equal(loss_best, r_loss)
     assert torch.equal(fooled, ~r_acc) and torch.equal(x_found, r_adv)
     assert 0 < int(fooled.sum()) < len(x)
-    fooled2, x_found2, _, _ = ea.apgd(plain, x, y, norm, eps, 40, loss, x_init=x0, drop=True)
+    fooled2, x_found2, _, _ = autoattack.apgd(plain, x, y, norm, eps, 40, loss, x_init=x0, drop=True)
     assert torch.equal(fooled2, fooled)
     assert (plain(x_found2[fooled2]).argmax(1) != y[fooled2]).all()
 
@@ -170,7 +171,7 @@ def test_apgd_l1_when_every_point_leaves_at_a_checkpoint(plain):
     last points of the batch were fooled and left it (an empty batch)."""
     x, y = make_data(20, seed=3)
     keep = plain(x).argmax(1) == y
-    fooled, x_found, _, _ = ea.apgd(plain, x[keep], y[keep], 'L1', 40.0, 10)
+    fooled, x_found, _, _ = autoattack.apgd(plain, x[keep], y[keep], 'L1', 40.0, 10)
     assert fooled.all() and (plain(x_found).argmax(1) != y[keep]).all()
 
 
@@ -183,11 +184,11 @@ def test_fab_trajectory_bitwise(plain, norm):
         ref = FABAttack_PT(plain, norm=norm, n_iter=30, eps=EPS[norm], device='cpu')
         ref.target_class = 3
         r_adv = ref.attack_single_run(x, y, use_rand_start=False, is_targeted=targeted)
-        r_fooled = (plain(r_adv).argmax(1) != y) & (ea._flat_norm(r_adv - x, norm) <= EPS[norm])
+        r_fooled = (plain(r_adv).argmax(1) != y) & (autoattack._flat_norm(r_adv - x, norm) <= EPS[norm])
         tgt = plain(x).sort(1)[1][:, -3] if targeted else None
-        fooled, adv = ea.fab(plain, x, y, norm, EPS[norm], 30, tgt, drop=False)
+        fooled, adv = autoattack.fab(plain, x, y, norm, EPS[norm], 30, tgt, drop=False)
         assert torch.equal(adv, r_adv) and torch.equal(fooled, r_fooled)
-        assert torch.equal(ea.fab(plain, x, y, norm, EPS[norm], 30, tgt, drop=True)[0], fooled)
+        assert torch.equal(autoattack.fab(plain, x, y, norm, EPS[norm], 30, tgt, drop=True)[0], fooled)
 
 
 # ----------------------------------------------------------------------------- parity
@@ -243,7 +244,7 @@ def test_adversarials_in_ball_and_box(plain, norm):
     r = ea.evaluate(plain, x, y, norm=norm, eps=EPS[norm], log=quiet, overrides=FAST)
     broken = (r['x_adv'] != x).flatten(1).any(1)
     assert broken.any()
-    assert (ea._flat_norm(r['x_adv'] - x, norm) <= EPS[norm] + 1e-4).all()  # float32 rounding
+    assert (autoattack._flat_norm(r['x_adv'] - x, norm) <= EPS[norm] + 1e-4).all()  # float32 rounding
     assert r['x_adv'].min() >= 0 and r['x_adv'].max() <= 1
     assert (plain(r['x_adv'][broken]).argmax(1) != y[broken]).all()
     assert r['n_robust'] == int(r['robust'].sum()) and not (broken & r['robust']).any()
@@ -411,18 +412,18 @@ def test_warnings(plain):
 
 
 def test_versions():
-    std = ea.attack_config('standard', 'Linf')
+    std = autoattack.attack_config('standard', 'Linf')
     assert std['attacks'] == ['apgd-ce', 'apgd-t', 'fab-t', 'square'] and std['apgd_restarts'] == 1
     assert (std['apgd_iter'], std['apgd_targets'], std['fab_targets'], std['square_queries']) == (100, 9, 9, 5000)
-    l1 = ea.attack_config('standard', 'L1')
+    l1 = autoattack.attack_config('standard', 'L1')
     assert l1['largereps'] and l1['apgd_restarts'] == 5 and l1['apgd_targets'] == 5
-    plus = ea.attack_config('plus', 'L2')
+    plus = autoattack.attack_config('plus', 'L2')
     assert plus['attacks'] == ['apgd-ce', 'apgd-dlr', 'fab', 'square', 'apgd-t', 'fab-t']
     assert plus['apgd_restarts'] == 5 and plus['fab_restarts'] == 5
-    rand = ea.attack_config('rand', 'Linf')
+    rand = autoattack.attack_config('rand', 'Linf')
     assert rand['attacks'] == ['apgd-ce', 'apgd-dlr'] and rand['eot_iter'] == 20 and rand['apgd_restarts'] == 1
     with pytest.raises(ValueError):
-        ea.attack_config('standard', 'Linf', attacks=['apgd-ce'])
+        autoattack.attack_config('standard', 'Linf', attacks=['apgd-ce'])
     assert ea.parse_eps('4/255') == 4 / 255 and ea.parse_eps('2.0') == 2.0
 
 

@@ -15,7 +15,7 @@ def test_peer_is_the_same_network(name, size):
     count = lambda m: sum(p.numel() for p in m.parameters())
     assert count(ours) == count(peer.vit)
     # same function too: our loader takes the timm layout, logits equal on [0,1] images
-    ours.load_timm_state_dict(peer.vit.state_dict())
+    ours.load_weights(peer.vit.state_dict())
     x = torch.rand(2, 3, size, size)
     torch.testing.assert_close(ours.eval()(x), peer.eval()(x), rtol=1e-4, atol=1e-5)
 

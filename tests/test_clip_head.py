@@ -1,4 +1,5 @@
-"""CPU tests for the contrastive (web-data) path: clip_head.py and webdata.py's shard reader and stream."""
+"""CPU tests for the contrastive (web-data) path: clip_head.py, open_clip_interop.py's text tower, and
+webdata.py's shard reader and stream."""
 import copy
 import io
 import math
@@ -21,6 +22,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import clip_head as ch  # noqa: E402
+import open_clip_interop as oci  # noqa: E402
 import webdata  # noqa: E402
 from model import create_model  # noqa: E402
 
@@ -71,7 +73,7 @@ def shards(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def tower():
-    return ch.load_text_tower('tiny-text', pretrained=None, seed=0)
+    return oci.load_text_tower('tiny-text', pretrained=None, seed=0)
 
 
 # -------------------------------------------------------------------- data stream
@@ -264,7 +266,7 @@ def test_cache_matches_fresh_computation(tower):
     e2 = tower.encode(['a cat', 'a dog', 'a cat', 'a car'])
     assert tower.misses == misses + 1  # only 'a car' ran through the tower
     assert torch.equal(e2[0], e1[1]) and torch.equal(e2[1], e1[0]) and torch.equal(e2[2], e1[1])
-    fresh = ch.load_text_tower('tiny-text', pretrained=None, seed=0)  # same seed: same weights
+    fresh = oci.load_text_tower('tiny-text', pretrained=None, seed=0)  # same seed: same weights
     assert torch.allclose(fresh.encode(['a cat', 'a dog', 'a cat', 'a car'], cache=False), e2, atol=1e-6)
     assert torch.allclose(e2.norm(dim=-1), torch.ones(4)) and e2.dtype == torch.float32
     assert not any(p.requires_grad for p in tower.parameters()) and not tower.train().training
@@ -274,8 +276,8 @@ def test_cache_matches_fresh_computation(tower):
 def test_cache_evicts_least_recently_used_rows_correctly():
     """A 4-row table under a stream of batches that overflow it: every lookup equals a fresh
     encoding, and only texts missing from the table run through the tower."""
-    small = ch.load_text_tower('tiny-text', pretrained=None, seed=0, cache_size=4)
-    ref = ch.load_text_tower('tiny-text', pretrained=None, seed=0)
+    small = oci.load_text_tower('tiny-text', pretrained=None, seed=0, cache_size=4)
+    ref = oci.load_text_tower('tiny-text', pretrained=None, seed=0)
     words = [f'a photo of {w}' for w in ('dog', 'cat', 'ship', 'car', 'bird', 'frog')]
     for batch in (words[:3], words[2:5], [words[0], words[4], words[4]], words[1:5], words[3:6], words[:6]):
         misses = small.misses
@@ -288,7 +290,7 @@ def test_cache_evicts_least_recently_used_rows_correctly():
 
 @pytest.mark.parametrize('fmt', ['bin', 'safetensors'])
 def test_tower_from_local_file(tmp_path, fmt):
-    oc = ch._open_clip()
+    oc = oci._open_clip()
     torch.manual_seed(5)
     full = oc.create_model('tiny-text', pretrained=None).eval()
     path = str(tmp_path / f'open_clip_model.{fmt}')
@@ -297,7 +299,7 @@ def test_tower_from_local_file(tmp_path, fmt):
     else:
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in full.state_dict().items()}, path)
-    tower = ch.load_text_tower('tiny-text', pretrained=path)
+    tower = oci.load_text_tower('tiny-text', pretrained=path)
     tok = oc.get_tokenizer('tiny-text')
     with torch.no_grad():
         want = F.normalize(full.encode_text(tok(['a photo of a dog'])), dim=-1)
@@ -311,15 +313,15 @@ def test_offline_error_is_one_line_and_fast(tmp_path, monkeypatch):
             monkeypatch.setenv('HF_HUB_OFFLINE', '1')
         else:
             monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
-            monkeypatch.setattr(ch, '_online', lambda *a, **k: False)
+            monkeypatch.setattr(oci, '_online', lambda *a, **k: False)
         t = time.time()
         with pytest.raises(SystemExit) as e:
-            ch.load_text_tower('ViT-L-14-CLIPA', 'datacomp1b', cache_dir=str(tmp_path))
+            oci.load_text_tower('ViT-L-14-CLIPA', 'datacomp1b', cache_dir=str(tmp_path))
         msg = str(e.value)
         assert time.time() - t < 5 and '\n' not in msg
         assert 'ViT-L-14-CLIPA' in msg and 'datacomp1b' in msg and 'pretrained=/path/' in msg
     with pytest.raises(SystemExit) as e:
-        ch.load_text_tower('tiny-text', pretrained='/no/such/open_clip_pytorch_model.bin')
+        oci.load_text_tower('tiny-text', pretrained='/no/such/open_clip_pytorch_model.bin')
     assert '/no/such/open_clip_pytorch_model.bin' in str(e.value) and '\n' not in str(e.value)
 
 

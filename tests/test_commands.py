@@ -207,7 +207,7 @@ class Runs:
         assert code == 0, f"{run} is written by `train.py {' '.join(argv)}`, whose dry run fails: {code}"
         args, cfg = dict(g['model_args']), g['config']
         if cfg['data'] == 'webdataset':  # as train.py: a web stage's tower ends in its text tower's width
-            from clip_head import _open_clip
+            from open_clip_interop import _open_clip
             args['embed_out'] = _open_clip().get_model_config(cfg['text_tower'])['embed_dim']
         os.makedirs(folder)
         save_checkpoint({'model': shaped_state(build_model, args), 'model_args': args, 'config': cfg,

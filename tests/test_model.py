@@ -48,7 +48,7 @@ def test_position_embedding_resized_at_load_equals_resized_at_forward():
     torch.manual_seed(0)
     m224 = M.create_model('vit_tiny_patch16', num_classes=5).eval()
     for r in (112, 336):
-        m_r = M.create_model('vit_tiny_patch16', num_classes=5, img_size=r).load_timm_state_dict(m224.timm_state_dict()).eval()
+        m_r = M.create_model('vit_tiny_patch16', num_classes=5, img_size=r).load_weights(m224.timm_state_dict()).eval()
         x = torch.rand(2, 3, r, r)
         with torch.no_grad():
             torch.testing.assert_close(m_r(x), m224(x), rtol=1e-5, atol=1e-5)
@@ -135,10 +135,10 @@ def test_official_layout_checkpoint_roundtrip(tmp_path):
 def test_wrong_checkpoint_is_a_clear_error(tmp_path):
     small = M.create_model('vit_small_patch16').timm_state_dict()
     with pytest.raises(ValueError, match='shape mismatch'):
-        M.create_model('vit_tiny_patch16').load_timm_state_dict(small)
+        M.create_model('vit_tiny_patch16').load_weights(small)
     small.pop('fc_norm.weight')
     with pytest.raises(ValueError, match='missing keys'):
-        M.create_model('vit_small_patch16').load_timm_state_dict(small)
+        M.create_model('vit_small_patch16').load_weights(small)
     (tmp_path / 'junk.pt').write_text('not a checkpoint')
     with pytest.raises(SystemExit, match='cannot read checkpoint'):
         M.model_from_file(str(tmp_path / 'junk.pt'))
@@ -190,14 +190,14 @@ def test_convnext_loads_timm_file(tmp_path):
     with pytest.raises(ValueError, match='not a ConvNeXt preset'):
         M.config_from_timm_state_dict(t.state_dict(), arch='vit_tiny_patch16')
     # a new task: skip_head keeps our head.fc but still loads head.norm
-    new = M.build_model({**asdict(c), 'num_classes': 3}).load_timm_state_dict(t.state_dict(), skip_head=True)
+    new = M.build_model({**asdict(c), 'num_classes': 3}).load_weights(t.state_dict(), skip_head=True)
     assert torch.equal(new.head.norm.weight, t.head.norm.weight) and new.get_classifier().out_features == 3
     with pytest.raises(ValueError, match='shape mismatch'):
-        M.build_model({**asdict(c), 'num_classes': 3}).load_timm_state_dict(t.state_dict())
+        M.build_model({**asdict(c), 'num_classes': 3}).load_weights(t.state_dict())
     sd = t.state_dict()
     sd.pop('stages.2.blocks.1.gamma')
     with pytest.raises(ValueError, match=r"missing keys \['stages.2.blocks.1.gamma'\]"):
-        ours.load_timm_state_dict(sd)
+        ours.load_weights(sd)
 
 
 def test_convnext_refuses_masking():

@@ -1,6 +1,6 @@
-"""open_clip image towers in our ViT (model.from_open_clip / ViT.open_clip_state_dict), the TeCoA
-and FARE losses, and eval_autoattack on an open_clip model. Offline: open_clip builds every
-architecture with pretrained=None; a tiny config registered here stands in for real weights."""
+"""open_clip image towers in our ViT (model.from_open_clip, open_clip_interop.open_clip_state_dict),
+the TeCoA and FARE losses, and eval_autoattack on an open_clip model. Offline: open_clip builds
+every architecture with pretrained=None; a tiny config registered here stands in for real weights."""
 import json
 import os
 from dataclasses import asdict
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import clip_head as ch
 import eval_autoattack as ea
 import model as M
+import open_clip_interop as oci
 from attack import pgd
 
 TINY = 'tiny-clip-vit'  # 32 px, patch 8 (16 tokens + class), width 64, 2 heads, 2 layers; a tiny text tower
@@ -24,13 +25,13 @@ def tiny_config(tmp_path_factory):
     cfg = dict(embed_dim=48, vision_cfg=dict(image_size=32, patch_size=8, width=64, head_width=32, layers=2,
                                              mlp_ratio=2.0), text_cfg=TINY_TEXT)
     (d / f'{TINY}.json').write_text(json.dumps(cfg))
-    ch._open_clip().add_model_config(d)
+    oci._open_clip().add_model_config(d)
 
 
 def build(name, seed=0, **kw):
     """A random open_clip model (small text tower: only the image side is compared) whose image
     tower's every tensor, LayerNorms included, is randomised so a mismatch shows."""
-    oc = ch._open_clip()
+    oc = oci._open_clip()
     torch.manual_seed(seed)
     m = oc.create_model(name, pretrained=None, text_cfg=TINY_TEXT, **kw).eval()
     with torch.no_grad():
@@ -45,7 +46,7 @@ def rel_err(a, b):
 
 def encode(oc_model, x):
     with torch.no_grad():
-        return oc_model.encode_image((x - torch.tensor(M.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(M.CLIP_STD).view(1, 3, 1, 1))
+        return oc_model.encode_image((x - torch.tensor(oci.CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(oci.CLIP_STD).view(1, 3, 1, 1))
 
 
 # ----------------------------------------------------------------------------- image tower parity
@@ -60,7 +61,7 @@ def test_matches_open_clip_and_exports_back(name, kw):
     oc = build(name, **kw)
     ours = M.from_open_clip(oc).eval()
     assert ours.config.act == ('quick_gelu' if 'quickgelu' in name else 'gelu')
-    assert ours.config.mean == M.CLIP_MEAN and ours.config.embed_out == oc.visual.output_dim
+    assert ours.config.mean == oci.CLIP_MEAN and ours.config.embed_out == oc.visual.output_dim
     torch.manual_seed(1)
     x = torch.rand(1, 3, ours.config.img_size, ours.config.img_size)
     with torch.no_grad():
@@ -73,7 +74,7 @@ def test_matches_open_clip_and_exports_back(name, kw):
     with torch.no_grad():
         for p in oc.visual.parameters():
             p.zero_()
-    oc.visual.load_state_dict(ours.open_clip_state_dict())
+    oc.visual.load_state_dict(oci.open_clip_state_dict(ours))
     assert torch.equal(encode(oc, x), b)
 
 
@@ -118,7 +119,7 @@ def test_other_resolution_and_unsupported_towers():
     oc = build(TINY)
     big = M.from_open_clip(oc, img_size=48)
     assert big.pos_embed.shape[1] == 1 + 36 and big.config.img_size == 48
-    ls = ch._open_clip().create_model(TINY, pretrained=None, text_cfg=TINY_TEXT,
+    ls = oci._open_clip().create_model(TINY, pretrained=None, text_cfg=TINY_TEXT,
                                       vision_cfg=dict(image_size=32, patch_size=8, width=64, head_width=32, layers=2,
                                                       ls_init_value=0.1))
     with pytest.raises(ValueError, match='unexpected keys'):
@@ -126,52 +127,52 @@ def test_other_resolution_and_unsupported_towers():
 
 
 def test_tower_config_without_weights_matches_the_loaded_tower():
-    assert asdict(ch.open_clip_tower_config(TINY)) == asdict(ch.load_open_clip_image_tower(TINY).config)
-    l14 = ch.open_clip_tower_config('ViT-L-14/openai')  # the tag's QuickGELU, read without any download
+    assert asdict(oci.open_clip_tower_config(TINY)) == asdict(oci.load_open_clip_image_tower(TINY).config)
+    l14 = oci.open_clip_tower_config('ViT-L-14/openai')  # the tag's QuickGELU, read without any download
     assert (l14.act, l14.embed_dim, l14.depth, l14.num_heads, l14.patch_size, l14.embed_out) == \
         ('quick_gelu', 1024, 24, 16, 14, 768)
-    assert ch.open_clip_tower_config('ViT-L-14').act == 'gelu'
+    assert oci.open_clip_tower_config('ViT-L-14').act == 'gelu'
 
 
 # ----------------------------------------------------------------------------- specs, files, offline
 def test_spec_parsing():
-    assert ch.parse_open_clip_spec('ViT-L-14/openai') == ('ViT-L-14', 'openai', [])
-    assert ch.parse_open_clip_spec('ViT-B-32') == ('ViT-B-32', None, [])
-    assert ch.parse_open_clip_spec('ViT-L-14/openai:/w/fare.pt') == ('ViT-L-14', 'openai', ['/w/fare.pt'])
-    assert ch.parse_open_clip_spec('out/demo_clip') is None and not ch.is_open_clip_spec('no-such-model/x')
-    assert ch.open_clip_text_source('ViT-L-14/openai:/w/fare.pt') == ('ViT-L-14', 'openai')
-    oc = ch._open_clip()
-    assert ch._tag_quick_gelu(oc, 'ViT-B-32', 'openai') and not ch._tag_quick_gelu(oc, 'ViT-B-32', None)
+    assert oci.parse_open_clip_spec('ViT-L-14/openai') == ('ViT-L-14', 'openai', [])
+    assert oci.parse_open_clip_spec('ViT-B-32') == ('ViT-B-32', None, [])
+    assert oci.parse_open_clip_spec('ViT-L-14/openai:/w/fare.pt') == ('ViT-L-14', 'openai', ['/w/fare.pt'])
+    assert oci.parse_open_clip_spec('out/demo_clip') is None and not oci.is_open_clip_spec('no-such-model/x')
+    assert oci.open_clip_text_source('ViT-L-14/openai:/w/fare.pt') == ('ViT-L-14', 'openai')
+    oc = oci._open_clip()
+    assert oci._tag_quick_gelu(oc, 'ViT-B-32', 'openai') and not oci._tag_quick_gelu(oc, 'ViT-B-32', None)
 
 
 def test_offline_pretrained_tag_fails_in_one_line(monkeypatch):
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     with pytest.raises(SystemExit) as e:
-        ch.load_open_clip_image_tower('ViT-B-32/openai', cache_dir='/nonexistent-cache')
+        oci.load_open_clip_image_tower('ViT-B-32/openai', cache_dir='/nonexistent-cache')
     msg = str(e.value)
     assert '\n' not in msg and 'hf download timm/vit_base_patch32_clip_224.openai' in msg
     assert "'ViT-B-32-quickgelu:/path/to/open_clip_pytorch_model.bin'" in msg
     with pytest.raises(SystemExit, match='weights file not found'):
-        ch.load_open_clip_image_tower(f'{TINY}:/no/such/file.pt')
+        oci.load_open_clip_image_tower(f'{TINY}:/no/such/file.pt')
 
 
 def test_local_files_full_then_image_tower_on_top(tmp_path):
     oc = build(TINY, seed=3)
     torch.save(oc.state_dict(), tmp_path / 'full.pt')
     tuned = build(TINY, seed=4)  # e.g. a FARE release: the image tower's state dict alone
-    torch.save(M.from_open_clip(tuned).open_clip_state_dict(), tmp_path / 'visual.pt')
+    torch.save(oci.open_clip_state_dict(M.from_open_clip(tuned)), tmp_path / 'visual.pt')
     x = torch.rand(2, 3, 32, 32)
-    vit, tower = ch.load_open_clip(f"{TINY}:{tmp_path / 'full.pt'}", text=True)
+    vit, tower = oci.load_open_clip(f"{TINY}:{tmp_path / 'full.pt'}", text=True)
     with torch.no_grad():
         assert rel_err(vit.eval()(x), encode(oc, x)) < 1e-5
         toks = tower.tokenizer(['a photo of a cat'])
         assert torch.allclose(tower.encode(['a photo of a cat']), F.normalize(oc.encode_text(toks), dim=-1), atol=1e-6)
-    vit2 = ch.load_open_clip_image_tower(f"{TINY}:{tmp_path / 'full.pt'}:{tmp_path / 'visual.pt'}")
+    vit2 = oci.load_open_clip_image_tower(f"{TINY}:{tmp_path / 'full.pt'}:{tmp_path / 'visual.pt'}")
     with torch.no_grad():
         assert rel_err(vit2.eval()(x), encode(tuned, x)) < 1e-5
     torch.save({'junk': torch.zeros(1)}, tmp_path / 'bad.pt')
     with pytest.raises(SystemExit, match='does not fit'):
-        ch.load_open_clip_image_tower(f"{TINY}:{tmp_path / 'bad.pt'}")
+        oci.load_open_clip_image_tower(f"{TINY}:{tmp_path / 'bad.pt'}")
 
 
 # ----------------------------------------------------------------------------- TeCoA and FARE
@@ -256,13 +257,13 @@ def test_eval_cli_takes_an_open_clip_model(tmp_path, capsys):
     assert 0 <= res['robust_acc'] <= res['clean_acc'] <= 100
     # the zero-shot classifier: CLIP's 80 templates over the demo's class names
     m = ea.load_model(TINY, classnames=['circle', 'square'])
-    tower = ch.load_open_clip(TINY, text=True)[1]
+    tower = oci.load_open_clip(TINY, text=True)[1]
     torch.testing.assert_close(m.weights, ch.zeroshot_weights(tower, ['circle', 'square']))
     assert len(ch.imagenet_templates()) == 80
 
 
 def test_eval_takes_a_fare_run_of_ours(tmp_path):
-    vit = ch.load_open_clip_image_tower(TINY)
+    vit = oci.load_open_clip_image_tower(TINY)
     cfg = dict(loss='fare', text_tower=TINY, text_pretrained='', seed=0, num_classes=10, data='imagefolder',
                val_data='data_cache/demo/val', prompt_templates=())
     torch.save({'model': vit.state_dict(), 'model_args': asdict(vit.config), 'config': cfg}, tmp_path / 'ckpt.pt')

@@ -29,12 +29,12 @@ def listed(req_file):
 
 @pytest.mark.parametrize('cfg', CONFIGS)
 def test_paper_config_imports_resolve(cfg):
-    import clip_head
-    oc = clip_head._open_clip()
+    import open_clip_interop
+    oc = open_clip_interop._open_clip()
     scope = config_scope(cfg)
     needed = {'torch', 'torchvision', 'numpy', 'pillow', 'open_clip_torch', 'webdataset'}
     for tower in {scope.get('text_tower', 'ViT-L-14-CLIPA'), 'ViT-L-14-CLIPA'}:  # (a ft stage rebuilds its source's)
-        name = clip_head.parse_open_clip_spec(tower)[0] if clip_head.is_open_clip_spec(tower) else tower
+        name = open_clip_interop.parse_open_clip_spec(tower)[0] if open_clip_interop.is_open_clip_spec(tower) else tower
         if oc.get_model_config(name)['text_cfg'].get('hf_tokenizer_name'):
             needed.add('transformers')
     assert needed <= listed('requirements-paper.txt'), needed - listed('requirements-paper.txt')

@@ -157,8 +157,9 @@ def clip_run(tmp_path_factory):
 @pytest.fixture(scope='module')
 def captions(tmp_path_factory):
     import clip_head
+    import open_clip_interop
     demo_data.ensure_demo()
-    tower = clip_head.load_text_tower('tiny-text-w256', None, seed=0)
+    tower = open_clip_interop.load_text_tower('tiny-text-w256', None, seed=0)
     path = tmp_path_factory.mktemp('captions') / 'captions.pt'
     clip_head.precompute_caption_embeddings(tower, str(ROOT / demo_data.DEMO_ROOT / 'shards/train-0000.tar'), str(path))
     return path
