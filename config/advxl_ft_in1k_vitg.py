@@ -6,6 +6,6 @@ init_from = 'out/advxl_vitg_datacomp'
 model = 'vit_giant_patch14'
 lr = 1e-3 * batch_size / 256      # MAE has no ViT-g: ViT-H's values (FINETUNE.md)
 drop_path_rate = 0.3
-micro_batch_size = 64             # 50 GiB per GPU without checkpointing (128 needs 99 GiB)
+micro_batch_size = 64             # fits 80 GB without checkpointing; 128 does not
 grad_ckpt = False
 num_workers = 2                   # loader workers per GPU (the base says how)

@@ -12,6 +12,6 @@ img_size = 84                     # 6x6 patches of 14 px
 samples = 5_120_000_000
 pgd_steps = 2
 pgd_step_size = 3 / 255           # paper Table 1b: step 3/255 with 2 steps (as ViT-H)
-micro_batch_size = 512            # 56 GiB without checkpointing (1024 would need it)
+micro_batch_size = 512            # fits 80 GB without checkpointing (1024 would need it)
 grad_ckpt = False
 num_workers = 2                   # loader workers per GPU (the base says how)

@@ -7,6 +7,6 @@ extends('base_web_pretrain.py')
 out_dir = 'out/advxl_vitl_laion'
 model = 'vit_large_patch16'
 text_tower = 'ViT-L-14-CLIPA'     # paper Sec. 4.4: the same-scale CLIPA text encoder
-micro_batch_size = 1024           # 4 accumulation steps at batch 32768: 48 GiB (2048: over 72)
+micro_batch_size = 1024           # 4 accumulation steps at batch 32768 (2048 would not fit 80 GB)
 grad_ckpt = False
 num_workers = 4                   # loader workers per GPU (the base says how)
