@@ -50,6 +50,12 @@ class StopFlag:
         self.ready = torch.cuda.Event() if cuda else None
         self.pending = None  # the previous step's all-reduce
 
+    def finish(self):
+        """Wait for the last step's all-reduce: no collective is left in flight at the end of the run."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+
     def __call__(self, local):
         if not self.ddp:
             return local

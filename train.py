@@ -415,14 +415,14 @@ no_decay += list(contrastive.parameters()) if web else []  # the temperature
 groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
 if optimizer not in ('adamw', 'sgd'):
     raise SystemExit(f"optimizer='{optimizer}' is unknown: use 'adamw' or 'sgd'")
-optimizer = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=device_type == 'cuda') \
+opt = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=device_type == 'cuda') \
     if optimizer == 'adamw' else torch.optim.SGD(groups, lr=lr, momentum=momentum)
 ema = None
 if ema_decay > 0:
     ema = build_model(model_args).to(device).requires_grad_(False)
     ema.load_state_dict(src['ema'] if resuming and src.get('ema') else raw_model.state_dict())
 if resuming:
-    optimizer.load_state_dict(src['optimizer'])
+    opt.load_state_dict(src['optimizer'])
     if web:
         contrastive.load_state_dict(src['contrastive'])
     log(f"resumed {out_dir} at {samples_seen} samples")
@@ -452,6 +452,9 @@ elif not shards:
                                                start=samples_seen // world, num_workers=num_workers)
 val_loader = datalib.val_loader(val_data, val_tf, micro, eval_samples, rank, world, num_workers)
 train_iter = iter(train_loader)
+stage = os.path.basename(out_dir)
+step = samples_seen // batch_size  # optimizer steps taken, over the whole stage (the loop counts on)
+start_step = step
 
 
 def loss_fn(logits, targets):
@@ -473,7 +476,7 @@ def to_device(t):
     return augment.to_device(t, device)
 
 
-def next_batch(micro_step):
+def next_batch(step, micro_step):
     """(images, targets for the loss, labels for the accuracy, unreadable images skipped)."""
     if web:  # targets: the captions' fixed text embeddings; accuracy: in-batch image->text retrieval
         b = next(train_iter)
@@ -515,6 +518,11 @@ def final_eval_batch():
     return memplan.fitting_eval_batch(line, 0.9 * torch.cuda.mem_get_info(device)[0], micro)  # 10%: fragmentation
 
 
+def crossed(every, seen):
+    """Whether the step that brought the run to `seen` samples crossed a multiple of `every`."""
+    return every > 0 and seen // every > (seen - batch_size) // every
+
+
 def lr_at(s):
     if s < warmup_samples:
         return lr * (s + batch_size) / warmup_samples
@@ -533,7 +541,7 @@ def save_checkpoint():
     if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
         raise SystemExit(f"weights are NaN/inf at {samples_seen} samples: not overwriting the last good checkpoint "
                          f"in {out_dir} (lower lr or check the data)")
-    ckpt = {'model': raw_model.state_dict(), 'model_args': model_args, 'optimizer': optimizer.state_dict(),
+    ckpt = {'model': raw_model.state_dict(), 'model_args': model_args, 'optimizer': opt.state_dict(),
             'ema': ema.state_dict() if ema is not None else None, 'samples_seen': samples_seen,
             'compute': fwd_macs * samples_seen / 1e19, 'compute_prev': compute_prev, 'samples_prev': samples_prev,
             'stage': os.path.basename(out_dir), 'config': config, 'data_state': states, 'world': world,
@@ -563,7 +571,7 @@ sigterm_step = None  # the step during which SIGTERM arrived
 def on_sigterm(signum, frame):
     global sigterm_step
     if sigterm_step is None:
-        sigterm_step = globals().get('step', 0)
+        sigterm_step = step
 
 
 signal.signal(signal.SIGTERM, on_sigterm)
@@ -574,13 +582,10 @@ if wandb_log and master:
 eval_model = ema if ema is not None else raw_model
 if web or clip_ft:  # a CLIP tower is evaluated as a zero-shot classifier of the labelled val set
     eval_model = ZeroShotClassifier(eval_model, zs_weights)
-stage = os.path.basename(out_dir)
 log(f"stage {stage}: {raw_model.describe()}, {samples} samples at {img_size}px, PGD-{pgd_steps}, "
     f"batch {batch_size} = {world} rank(s) x {micro} x {grad_accum} accumulation, {device} {dtype}")
 
 # ----------------------------------------------------------------------------- training loop
-step = samples_seen // batch_size
-start_step = step
 stop_flag = StopFlag(device, ddp)
 t_start = t_last = time.time()
 last_log_samples = samples_seen
@@ -593,10 +598,10 @@ while samples_seen < samples:
     torch.manual_seed(seed * 1_000_003 + step * 1009 + rank)  # randomness is a function of (step, rank): exact resume
     ramp = min(1.0, (samples_seen + batch_size) / eps_warmup) if eps_warmup > 0 else 1.0
     eps_now, step_now = eps * ramp, pgd_step_size * ramp
-    for group in optimizer.param_groups:
+    for group in opt.param_groups:
         group['lr'] = lr_at(samples_seen)
     for micro_step in range(grad_accum):
-        x, targets, y, n_bad = next_batch(micro_step)
+        x, targets, y, n_bad = next_batch(step, micro_step)
         bad_images += n_bad
         with autocast:
             x_adv = pgd(fast_model, x, targets, attack_loss, eps_now, step_now, pgd_steps, norm, pgd_random_start,
@@ -604,15 +609,15 @@ while samples_seen < samples:
             sync = not ddp or micro_step == grad_accum - 1  # all-reduce gradients once per optimizer step
             with train_model.no_sync() if not sync else nullcontext():
                 logits = train_model(x_adv, mask_ratio=mask_ratio, mask_kind=mask_kind)
-                loss = train_loss(logits, targets) / grad_accum
-                loss.backward()
-        acc_loss += loss.detach()
+                micro_loss = train_loss(logits, targets) / grad_accum
+                micro_loss.backward()
+        acc_loss += micro_loss.detach()
         acc_correct += (predictions(logits.detach(), targets) == y).sum()
     first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(acc_loss), step, first_bad_step)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=False)  # gradients stay DDP's bucket views, also in no_sync steps (the memory plan)
+    opt.step()
+    opt.zero_grad(set_to_none=False)  # gradients stay DDP's bucket views, also in no_sync steps (the memory plan)
     if ema is not None:
         with torch.no_grad():  # else autograd chains every step's update onto the last: a growing graph
             torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - ema_decay)
@@ -623,7 +628,7 @@ while samples_seen < samples:
 
     done = samples_seen >= samples
     # a log point: every log_every samples, at the end, and before a SIGTERM checkpoint
-    if samples_seen // log_every > (samples_seen - batch_size) // log_every or done or stop:
+    if crossed(log_every, samples_seen) or done or stop:
         sums = torch.stack([acc_loss, acc_correct, bad_images.to(device).float()])
         bad_step = first_bad_step.clone()
         if ddp:
@@ -653,6 +658,7 @@ while samples_seen < samples:
         acc_loss.zero_(), acc_correct.zero_()
         last_log_samples = samples_seen
         if stop:
+            stop_flag.finish()
             save_checkpoint()
             log(f"SIGTERM at step {sigterm_step}: checkpoint written at step {step} ({samples_seen} samples); "
                 f"the same command resumes")
@@ -660,14 +666,15 @@ while samples_seen < samples:
                 dist.barrier()
                 dist.destroy_process_group()
             sys.exit(0)
-    if eval_every and (samples_seen // eval_every > (samples_seen - batch_size) // eval_every) and not done:
+    if crossed(eval_every, samples_seen) and not done:
         clean, robust, _ = evaluate_pgd(eval_model, val_loader, eval_eps or eps, eval_pgd_steps, eval_step_size,
                                         norm, autocast=autocast)
         log(f"eval {samples_seen}: clean {clean:.2f}% | PGD-{eval_pgd_steps} {robust:.2f}% ({dtype})")
         write_log({**progress(), 'clean_acc': clean, 'pgd20_acc': robust, 'eval_dtype': dtype})
-    if ckpt_every and samples_seen // ckpt_every > (samples_seen - batch_size) // ckpt_every and not done:
+    if crossed(ckpt_every, samples_seen) and not done:
         save_checkpoint()
 
+stop_flag.finish()
 if step > start_step:  # (a finished stage run again only redoes its final evaluation)
     save_checkpoint()
 train_s = time.time() - t_start
