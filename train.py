@@ -650,7 +650,8 @@ while samples_seen < samples:
         if device_type == 'cuda':  # FLOPs: train fwd+bwd = 3x forward, each attack step 2x forward
             flops = 2 * fwd_macs / (pgd_steps + 1) * (3 + 2 * pgd_steps) * n / dt
             record['mfu'] = flops / (peak_flops * world)
-            mfu = f", MFU {100 * record['mfu']:.1f}%"
+            record['peak_mem_gib'] = torch.cuda.max_memory_allocated(device) / 2 ** 30  # to hold against the dry run's plan
+            mfu = f", MFU {100 * record['mfu']:.1f}%, peak {record['peak_mem_gib']:.1f} GiB"
         log(f"{stage} {samples_seen}/{samples} | loss {record['loss']:.4f} | adv acc {record['adv_acc']:.1f}% | "
             f"lr {record['lr']:.2e} | eps {eps_str(eps_now)} | {record['img_per_s']:.0f} img/s{mfu} | "
             f"compute {record['compute_1e10'] * 1e10:.3g} GFLOPs")
