@@ -515,22 +515,32 @@ def largest_batch(name, size, steps, device, dtype, start=16, limit=2048):
     return best
 
 
-def bench_cuda(quick, device, peak_flops, rows=None):
-    """bf16 + compile; FLOPs per image = 2 x forward MACs x (3 + 2 x PGD steps)."""
+def parse_cuda_rows(spec):
+    """'vit_base_patch16:112:1:256:compile,...' -> [(name, size, pgd steps, batch, compiled)]."""
+    rows = []
+    for r in spec.split(','):
+        name, size, steps, batch, *how = r.split(':')
+        rows.append((name, int(size), int(steps), int(batch), how != ['eager']))
+    return rows
+
+
+def bench_cuda(quick, device, peak_flops, rows=None, extras=True):
+    """bf16 (+ compile); FLOPs per image = 2 x forward MACs x (3 + 2 x PGD steps). extras: also
+    activation checkpointing's cost on the last row and AutoAttack's speed on ViT-B/16."""
     dtype = torch.bfloat16
-    rows = rows or [('vit_base_patch16', 112, 1, 256), ('vit_base_patch16', 224, 3, 128),
-                    ('vit_large_patch16', 112, 1, 128), ('vit_large_patch16', 224, 3, 64),
-                    ('vit_huge_patch14', 84, 2, 128), ('vit_huge_patch14', 224, 3, 32)]
+    rows = rows or [('vit_base_patch16', 112, 1, 256, True), ('vit_base_patch16', 224, 3, 128, True),
+                    ('vit_large_patch16', 112, 1, 128, True), ('vit_large_patch16', 224, 3, 64, True),
+                    ('vit_huge_patch14', 84, 2, 128, True), ('vit_huge_patch14', 224, 3, 32, True)]
     matmul = matmul_flops(device) if device.type == 'cuda' else float('nan')
     out = {'matmul_flops': matmul, 'peak_flops': peak_flops, 'rows': []}
-    for name, size, steps, batch in rows:
+    for name, size, steps, batch, compiled in rows:
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats()
-        step, model = ours_step(name, size, steps, batch, device, compiled=True, dtype=dtype)
+        step, model = ours_step(name, size, steps, batch, device, compiled=compiled, dtype=dtype)
         t = median_time(step, 3 if not quick else 2, 10 if not quick else 3, device)
         fwd = model.flops(size)
         flops = 2 * fwd * (3 + 2 * steps) * batch / t
-        r = dict(model=name, img_size=size, pgd_steps=steps, batch=batch, img_s=batch / t, model_flops=flops,
+        r = dict(model=name, img_size=size, pgd_steps=steps, batch=batch, compiled=compiled, img_s=batch / t, model_flops=flops,
                  mfu_vs_peak=flops / peak_flops, mfu_vs_matmul=flops / matmul)
         # the dry run's memory plan for this step (one GPU, no EMA) beside what CUDA measured
         r['plan_peak_gib'] = memplan.memory_plan(asdict(model.config), batch, size, steps, dtype='bfloat16')['peak'] / 2 ** 30
@@ -539,12 +549,14 @@ def bench_cuda(quick, device, peak_flops, rows=None):
             r['peak_mem_gib_per_img'] = r['measured_peak_gib'] / batch
             del step, model
             torch.cuda.empty_cache()
-            r['largest_batch'] = largest_batch(name, size, steps, device, dtype)
+            r['largest_batch'] = largest_batch(name, size, steps, device, dtype, start=batch, limit=8192)
         out['rows'].append(r)
         print(f"  cuda {name} {size}px PGD-{steps}: {r['img_s']:.0f} img/s, MFU {100 * r['mfu_vs_peak']:.1f}% "
               f"of peak, {100 * r['mfu_vs_matmul']:.1f}% of matmul", flush=True)
+    if not extras:
+        return out
     # activation checkpointing: its cost in speed and what it saves in memory (the largest model)
-    name, size, steps, batch = rows[-1]
+    name, size, steps, batch, _ = rows[-1]
     ckpt = {}
     for on in (False, True):
         if device.type == 'cuda':
@@ -574,6 +586,8 @@ def main():
     ap.add_argument('--ckpt', default='out/demo_ft', help='robust model for the AutoAttack row (the demo)')
     ap.add_argument('--n', type=int, default=0, help='AutoAttack points (default 10 with --quick, else 100)')
     ap.add_argument('--peak_flops', type=float, default=989e12, help='GPU dense bf16 peak (H100/H200 SXM)')
+    ap.add_argument('--cuda_rows', default='', help="only these cuda rows, e.g. vit_base_patch16:112:1:256,"
+                    "vit_huge_patch14:84:2:128:eager (model:px:PGD steps:batch[:eager])")
     ap.add_argument('--out', default='bench.json')
     args = ap.parse_args()
     rows = args.rows.split(',') if args.rows else \
@@ -604,7 +618,8 @@ def main():
             res['autoattack_speedup_vs_official'] = res['autoattack']['robust']['speedup']
             res['autoattack_max_diff_points'] = max(r['diff_points'] for r in res['autoattack'].values())
     if 'cuda' in rows and device.type == 'cuda':
-        res['cuda'] = bench_cuda(args.quick, device, args.peak_flops)
+        res['cuda'] = bench_cuda(args.quick, device, args.peak_flops,
+                                 parse_cuda_rows(args.cuda_rows) if args.cuda_rows else None, extras=not args.cuda_rows)
     print_tables(res)
     with open(args.out, 'w') as f:
         json.dump(res, f, indent=2)
@@ -621,7 +636,7 @@ def print_tables(res):
         for r in res['train']:
             c = r.get('ours_compiled_img_s')
             c_img, c_ratio = (f"{c:.2f}", f"{r['compiled_vs_peer']:.2f}") if c else ('-', '-')
-            print(f"| {r['model']} {r['img_size']}px PGD-{r['pgd_steps']} | {r['batch']} | {r['peer_img_s']:.2f} | "
+            print(f"| {r['model']} {r['img_size']}px PGD-{r['pgd_steps']}{'' if r['compiled'] else ' (eager)'} | {r['batch']} | {r['peer_img_s']:.2f} | "
                   f"{r['ours_eager_img_s']:.2f} | {c_img} | {r['eager_vs_peer']:.2f} | {c_ratio} |")
         print(f"\ntrain_step_vs_peer_min = {res['train_step_vs_peer_min']:.2f}")
     for r in res.get('fast_path', []):
@@ -668,17 +683,17 @@ def print_tables(res):
         print(f"\nspeed-up {a['speedup']:.2f}x, points judged differently: {a['diff_points']}")
     if 'cuda' in res:
         c = res['cuda']
-        print(f"\n| {i['gpu']}, bf16 + compile | batch | img/s | TFLOP/s | MFU (peak) | MFU (matmul) | GiB/img | "
+        print(f"\n| {i['gpu']}, bf16 | batch | img/s | TFLOP/s | MFU (peak) | MFU (matmul) | GiB/img | "
               f"peak GiB: planned / measured | largest batch |\n|---|---|---|---|---|---|---|---|---|")
         for r in c['rows']:
-            print(f"| {r['model']} {r['img_size']}px PGD-{r['pgd_steps']} | {r['batch']} | {r['img_s']:.0f} | "
+            print(f"| {r['model']} {r['img_size']}px PGD-{r['pgd_steps']}{'' if r['compiled'] else ' (eager)'} | {r['batch']} | {r['img_s']:.0f} | "
                   f"{r['model_flops'] / 1e12:.0f} | {100 * r['mfu_vs_peak']:.1f}% | {100 * r['mfu_vs_matmul']:.1f}% | "
                   f"{r.get('peak_mem_gib_per_img', float('nan')):.3f} | "
                   f"{r['plan_peak_gib']:.1f} / {r.get('measured_peak_gib', float('nan')):.1f} | "
                   f"{r.get('largest_batch', '-')} |")
-        g = c['grad_ckpt']
-        print(f"\nactivation checkpointing on {g['model']} at {g['img_size']}px: speed x{g['speed_ratio']:.2f}, "
-              f"memory x{g['memory_ratio']:.2f}")
+        g = c.get('grad_ckpt')
+        print(g and f"\nactivation checkpointing on {g['model']} at {g['img_size']}px: speed x{g['speed_ratio']:.2f}, "
+              f"memory x{g['memory_ratio']:.2f}" or '')
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """
 The process group of a training run, its CPU threads, and the SIGTERM flag that all ranks agree on.
 """
+import gc
 import os
 from datetime import timedelta
 
@@ -18,13 +19,24 @@ def init_distributed(device, timeout_s):
     # apart, or a restarted rank reads its dead peer's old address and never connects
     store, _, _ = next(dist.rendezvous('env://', timeout=timedelta(seconds=timeout_s)))
     store = dist.PrefixStore(f"round_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo', store=store,
-                            rank=int(os.environ['RANK']), world_size=int(os.environ['WORLD_SIZE']),
-                            timeout=timedelta(seconds=timeout_s))
-    if device.startswith('cuda'):
+    cuda = device.startswith('cuda')
+    if cuda:  # this rank's GPU, bound before NCCL starts (device_id: no guessing it from the rank)
         device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
         torch.cuda.set_device(device)
+    dist.init_process_group(backend='nccl' if cuda else 'gloo', store=store,
+                            rank=int(os.environ['RANK']), world_size=int(os.environ['WORLD_SIZE']),
+                            timeout=timedelta(seconds=timeout_s), device_id=torch.device(device) if cuda else None)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def leave_distributed():
+    """Destroy the process groups and collect what referenced them. The caller first drops its own
+    references (a DDP model, extra groups): a gloo group still alive when the interpreter exits can
+    abort the process with SIGABRT after a successful run (its threads outlive the interpreter's
+    teardown), which torchrun then reports as a failed job."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def threads_per_rank(cpu_threads, num_workers, world):

@@ -37,7 +37,14 @@ import torch
 import torch.distributed as dist
 
 import attack
+import clip_head
+import data  # imports timm, which keeps a reference to the default process group if it exists then: import first
+import demo_data
+import memplan
+import model as model_lib
+import open_clip_interop
 from autoattack import _flat_norm, attack_config, check_model, run_attack
+from distributed import leave_distributed
 
 DEFAULT_EPS = {'Linf': 4 / 255, 'L2': 2.0, 'L1': 75.0}
 
@@ -274,10 +281,7 @@ def load_model(path, arch=None, classnames=None, device='cpu'):
     'ViT-L-14-quickgelu:/path/weights.bin', see open_clip_interop.parse_open_clip_spec) becomes its own
     zero-shot classifier with CLIP's 80 templates over `classnames` (default: ImageNet's), CLIP's
     mean/std inside. A text tower runs on `device`, on rank 0 only (the others get its classifier)."""
-    import model as model_lib
     from checkpoint import read_checkpoint
-    import clip_head
-    import open_clip_interop
     if open_clip_interop.is_open_clip_spec(path):
         vit, tower = open_clip_interop.load_open_clip(path, text=_rank_world()[0] == 0, device=device)
         m = clip_head.ZeroShotClassifier(vit, _from_rank0(
@@ -299,10 +303,6 @@ def load_model(path, arch=None, classnames=None, device='cpu'):
 def training_zeroshot_weights(cfg, device='cpu'):
     """The zero-shot classifier (fp32, CPU) train.py builds for a run's config: the same text tower
     with the same seed (a random tower) and precision, class names and prompts; encoded on `device`."""
-    import clip_head
-    import data
-    import demo_data
-    import open_clip_interop
     tower = open_clip_interop.load_text_tower(cfg['text_tower'], cfg['text_pretrained'] or None, device,
                                               precision='bf16' if cfg.get('dtype') == 'bfloat16' else 'fp32',
                                               seed=cfg.get('text_seed', cfg['seed']))
@@ -315,9 +315,7 @@ def model_args_of(path, arch=None):
     """The image model's architecture (its config as a dict) read off the file or the open_clip
     config, without building the model: for the memory plan and --dry_run."""
     from dataclasses import asdict
-    import model as model_lib
     from checkpoint import read_checkpoint
-    import open_clip_interop
     if open_clip_interop.is_open_clip_spec(path):
         return asdict(open_clip_interop.open_clip_tower_config(path))
     ckpt = read_checkpoint(path)
@@ -327,7 +325,6 @@ def model_args_of(path, arch=None):
 
 
 def model_args_desc(model_args, img_size):
-    import model as model_lib
     with torch.device('meta'):  # no weights: only the description
         return model_lib.build_model(dict(model_args, img_size=img_size)).describe()
 
@@ -342,7 +339,6 @@ def load_demo_val(img_size, n_ex, decode=True):
     subset when n_ex is smaller (the folders are class-sorted), as data.val_loader picks it.
     decode=False: the labels and description only (x is None; y too before the demo exists:
     a dry run makes no data)."""
-    import demo_data
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
     if not decode and not os.path.isfile(os.path.join(demo_data.DEMO_ROOT, 'DONE')):
@@ -361,7 +357,6 @@ def load_imagenet_val(root, img_size, n_ex, crop_pct, interpolation, decode=True
     files are checked, not read (x is None)."""
     from concurrent.futures import ThreadPoolExecutor
     from PIL import Image
-    import data
     val = os.path.join(root, 'val') if os.path.isdir(os.path.join(root, 'val')) else root
     if not os.path.isdir(val):
         raise SystemExit(f"error: no ImageNet validation folder at {val}: pass --data DIR where DIR/val/<wnid>/"
@@ -405,7 +400,6 @@ def auto_batch_size(model_args, img_size, device, n_points, bf16=False, fab_outp
     FREE_FRACTION of the device's free memory, else the largest batch that fits (at least 1).
     fab_outputs: the model's outputs when untargeted FAB runs (it keeps one input gradient per
     output). On the CPU: the official 250. Returns (batch, why)."""
-    import memplan
     cap = max(1, min(250, n_points))
     free = _free_bytes(device)
     if free is None:
@@ -513,23 +507,21 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
 
     world = int(os.environ.get('WORLD_SIZE', 1))
-    if world > 1 and not dist.is_initialized() and not args.dry_run:
-        dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo',
-                                timeout=datetime.timedelta(seconds=args.dist_timeout_s))
-    rank, world = _rank_world() if dist.is_initialized() else (int(os.environ.get('RANK', 0)), world)
-    group = _patient_group()  # made now, while every rank is here
     local = int(os.environ.get('LOCAL_RANK', 0))
     device = torch.device(args.device or (f'cuda:{local}' if torch.cuda.is_available() else 'cpu'))
     if device.type == 'cuda':
         torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized() and not args.dry_run:
+        # device_id: NCCL binds this rank's GPU now rather than guessing it from the rank
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
+                                timeout=datetime.timedelta(seconds=args.dist_timeout_s),
+                                device_id=device if device.type == 'cuda' else None)
+    rank, world = _rank_world() if dist.is_initialized() else (int(os.environ.get('RANK', 0)), world)
+    group = _patient_group()  # made now, while every rank is here
     say = print if rank == 0 else (lambda *a, **k: None)
 
     eps = parse_eps(args.eps) if args.eps is not None else DEFAULT_EPS[args.norm]
     eps_tag = (args.eps or {'Linf': '4/255', 'L2': '2.0', 'L1': '75'}[args.norm]).replace('/', '-')
-    import clip_head
-    import data
-    import demo_data
-    import open_clip_interop
     open_clip_spec = open_clip_interop.is_open_clip_spec(args.ckpt)
     try:
         model_args = model_args_of(args.ckpt, args.arch)
@@ -630,7 +622,8 @@ def main(argv=None):
             json.dump(res, f, indent=1)
         say(f"wrote {out}")
     if world > 1:
-        dist.destroy_process_group()
+        _patient.clear()  # nothing may hold a process group at exit (distributed.leave_distributed)
+        leave_distributed()
     return res
 
 

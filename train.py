@@ -32,7 +32,7 @@ import webdata
 from attack import TrueFp32, evaluate_pgd, pgd
 from clip_head import (ContrastiveLoss, FareLoss, ZeroShotClassifier, attack_loss_fn, head_from_zeroshot,
                        imagenet_classnames, is_clip_run, tecoa_loss_fn, zeroshot_weights)
-from distributed import StopFlag, init_distributed, threads_per_rank
+from distributed import StopFlag, init_distributed, leave_distributed, threads_per_rank
 from checkpoint import checkpoint_files, read_checkpoint, remove_temp_files, save_checkpoint as write_checkpoint
 from model import PRESETS, build_model, clean_state_dict, config_from_timm_state_dict, create_model, is_convnext
 from open_clip_interop import (is_open_clip_spec, load_open_clip_image_tower, load_text_tower, open_clip_text_source,
@@ -538,7 +538,7 @@ def save_checkpoint():
         states = webdata.merge_states(states)
     if not master:
         return
-    if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+    if not torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all():  # one host sync
         raise SystemExit(f"weights are NaN/inf at {samples_seen} samples: not overwriting the last good checkpoint "
                          f"in {out_dir} (lower lr or check the data)")
     ckpt = {'model': raw_model.state_dict(), 'model_args': model_args, 'optimizer': opt.state_dict(),
@@ -665,7 +665,8 @@ while samples_seen < samples:
                 f"the same command resumes")
             if ddp:
                 dist.barrier()
-                dist.destroy_process_group()
+                train_model = stop_flag = None  # nothing may hold a process group at exit (leave_distributed)
+                leave_distributed()
             sys.exit(0)
     if crossed(eval_every, samples_seen) and not done:
         clean, robust, _ = evaluate_pgd(eval_model, val_loader, eval_eps or eps, eval_pgd_steps, eval_step_size,
@@ -697,4 +698,5 @@ if master:
           f"{results['wall_s']:.0f}s |")
 if ddp:
     dist.barrier()  # leave together: a rank that tears down gloo while another still talks to it aborts
-    dist.destroy_process_group()
+    train_model = stop_flag = None  # nothing may hold a process group at exit (leave_distributed)
+    leave_distributed()

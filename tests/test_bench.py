@@ -33,7 +33,7 @@ def test_steps_change_the_weights():
 @pytest.mark.slow
 def test_cuda_row_code_runs_on_cpu():
     """The GPU row's code path (compile, FLOP and MFU arithmetic, checkpointing A/B) on a tiny model."""
-    r = bench.bench_cuda(True, CPU, 1e12, rows=[('vit_pico_patch4', 16, 1, 4)])
+    r = bench.bench_cuda(True, CPU, 1e12, rows=[('vit_pico_patch4', 16, 1, 4, True)])
     row = r['rows'][0]
     assert row['img_s'] > 0 and row['model_flops'] > 0 and 0 < row['mfu_vs_peak']
     assert r['grad_ckpt']['speed_ratio'] > 0

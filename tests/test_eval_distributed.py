@@ -21,7 +21,7 @@ KW = dict(norm='Linf', eps=0.03, batch_size=16, overrides=FAST)
 # One rank. Both ranks import first and start together (a file each), so that a short process-group
 # timeout only ever measures waits on the other rank's work, never on its imports.
 RANK_SCRIPT = """
-import datetime, json, os, sys, time
+import datetime, gc, json, os, sys, time, weakref
 import torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
 import eval_autoattack as ea
@@ -55,9 +55,18 @@ if job.get('pgd20'):  # then the command line's PGD-20, its process group starte
     dist.destroy_process_group()
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=job['port2'], RANK=str(rank), WORLD_SIZE='2', LOCAL_RANK='0')
     load = ea.load_model
+    groups, init, new = [], dist.init_process_group, dist.new_group  # weak references to the groups main() makes
+    dist.init_process_group = lambda *a, **k: (init(*a, **k), groups.append(weakref.ref(dist.group.WORLD)))[0]
+    dist.new_group = lambda *a, **k: (lambda g: groups.append(weakref.ref(g)) or g)(new(*a, **k))
     ea.load_model = lambda *a, **k: slow_down(load(*a, **k))
     ea.main(['--ckpt', job['pgd20'], '--pgd20', '--n_ex', '8', '--bs', '4', '--eps', '1/255', '--device', 'cpu',
              '--dist_timeout_s', str(job['timeout_s']), '--out_dir', job['dir']])
+    gc.collect()  # main() leaves no process group alive: one alive at exit can abort the process
+    open(job['dir'] + f'/alive{{rank}}', 'w').write(str(sum(g() is not None for g in groups)))
+else:
+    from distributed import leave_distributed
+    ea._patient.clear()
+    leave_distributed()
 """
 
 
@@ -131,6 +140,7 @@ def test_slow_rank_outlasts_the_process_group_timeout(setup, tmp_path):
         clean, rob, total = attack.evaluate_pgd(pico, zip(xd[r::2].split(4), yd[r::2].split(4)), 1 / 255, 20, 1 / 255)
         counts.append((round(clean * total / 100), round(rob * total / 100)))
     assert (res['n'], res['n_clean'], res['n_robust']) == (8, *map(sum, zip(*counts)))
+    assert [(d / f'alive{r}').read_text() for r in range(2)] == ['0', '0']  # no process group left at exit
 
 
 def test_killed_ranks_resume_exactly(setup, tmp_path):

@@ -15,6 +15,7 @@ Also: the final evaluation runs in true fp32 (TF32 off), and the gradients stay 
 bucket views) between steps, as the memory plan counts them.
 """
 import contextlib
+import gc
 import json
 import os
 import runpy
@@ -259,17 +260,27 @@ def test_final_evaluation_runs_in_true_fp32(tmp_path):
 
 def test_gradients_stay_allocated_between_steps_under_ddp(tmp_path):
     """zero_grad keeps the gradients (DDP's bucket views, also through no_sync micro steps): the
-    memory plan counts them once, for the whole run."""
+    memory plan counts them once, for the whole run. At the end no process group is left alive
+    (one that outlives the interpreter can abort the process after a successful run)."""
+    import weakref
+    import torch.distributed as dist
     demo_data.ensure_demo()
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         port = s.getsockname()[1]
-    g, _ = run_train('--samples=16', '--batch_size=8', '--micro_batch_size=4', '--final_eval_samples=8',
-                     '--eval_every=0', '--num_workers=0', f'--out_dir={tmp_path}',
-                     env=dict(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port)))
+    groups, init = [], dist.init_process_group
+    dist.init_process_group = lambda *a, **k: (init(*a, **k), groups.append(weakref.ref(dist.group.WORLD)))[0]
+    try:
+        g, _ = run_train('--samples=16', '--batch_size=8', '--micro_batch_size=4', '--final_eval_samples=8',
+                         '--eval_every=0', '--num_workers=0', f'--out_dir={tmp_path}',
+                         env=dict(RANK='0', WORLD_SIZE='1', LOCAL_RANK='0', MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port)))
+    finally:
+        dist.init_process_group = init
     assert g['grad_accum'] == 2 and g['ddp']
     grads = [p.grad for p in g['raw_model'].parameters()]
     assert all(t is not None for t in grads) and not any(t.any() for t in grads)  # kept, and zeroed in place
+    gc.collect()
+    assert len(groups) == 1 and groups[0]() is None  # the run's globals (g) hold no process group
 
 
 def test_stop_flag_agrees_a_step_late_and_builds_nothing_per_step(tmp_path):
