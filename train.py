@@ -30,13 +30,12 @@ import decode
 import demo_data
 import webdata
 from attack import TrueFp32, evaluate_pgd, pgd
-from clip_head import (ContrastiveLoss, FareLoss, ZeroShotClassifier, attack_loss_fn, head_from_zeroshot,
-                       imagenet_classnames, is_clip_run, tecoa_loss_fn, zeroshot_weights)
+from clip_head import ContrastiveLoss, ZeroShotClassifier, attack_loss_fn, tecoa_loss_fn
+from checkpoint import save_checkpoint as write_checkpoint
 from distributed import StopFlag, init_distributed, leave_distributed, threads_per_rank
-from checkpoint import checkpoint_files, read_checkpoint, remove_temp_files, save_checkpoint as write_checkpoint
-from model import PRESETS, build_model, clean_state_dict, config_from_timm_state_dict, create_model, is_convnext
-from open_clip_interop import (is_open_clip_spec, load_open_clip_image_tower, load_text_tower, open_clip_text_source,
-                               open_clip_tower_config)
+from model import build_model
+from stage import (CLIP_LOSSES, check_config, eps_str, fare_copy, find_start, make_optimizer, prepare_out_dir,
+                   print_dry_run, stage_compute, start_weights, text_side)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -131,148 +130,17 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configurator
 config = {k: globals()[k] for k in _config_keys(globals())}  # noqa: F821 (defined by configurator)
 # -----------------------------------------------------------------------------
 
-
-# what makes a checkpoint in out_dir this stage's own (resume) rather than another stage's (refuse)
-STAGE_KEYS = ('model', 'data', 'train_data', 'img_size', 'samples', 'num_classes', 'norm', 'eps', 'pgd_steps',
-              'pgd_step_size', 'mask_ratio', 'mask_kind', 'loss')
-INEXACT_RESUME_KEYS = ('batch_size', 'micro_batch_size', 'num_workers', 'shuffle_buffer')  # resumable, no longer bitwise
-
-
-CLIP_LOSSES = ('tecoa', 'fare')
-if loss not in ('',) + CLIP_LOSSES:
-    raise SystemExit(f"loss='{loss}' is unknown: use '' (the data's own), 'tecoa' or 'fare'")
-if loss in CLIP_LOSSES and data == 'webdataset':
-    raise SystemExit(f"loss='{loss}' fine-tunes on labelled images: use data='imagefolder' (or 'demo')")
-
-
-def check_same_stage(old_cfg):
-    """Refuse another stage's checkpoint in out_dir in one line; warn when a key that only
-    changes exactness (batch layout, workers) differs."""
-    differ = [k for k in STAGE_KEYS if old_cfg.get(k) != config[k]]
-    if differ:
-        what = ', '.join(f"{k} {old_cfg.get(k)!r} -> {config[k]!r}" for k in differ)
-        raise SystemExit(f"{out_dir} holds a checkpoint of another stage ({what}): use another out_dir, or "
-                         f"--overwrite=True to start this stage afresh there")
-    inexact = [f"{k} {old_cfg.get(k)!r} -> {config[k]!r}" for k in INEXACT_RESUME_KEYS if old_cfg.get(k) != config[k]]
-    if inexact:
-        print(f"warning: resuming with {', '.join(inexact)}: the run continues, but no longer bitwise "
-              f"as an uninterrupted one (data order and per-rank randomness change)", file=sys.stderr)
-
-
-# each preset's fine-tuning config: what to run after that model's pre-training (the refusal below names it)
-FINETUNE_CONFIGS = {'vit_base_patch16': 'config/advxl_ft_in1k.py', 'vit_large_patch16': 'config/advxl_ft_in1k_vitl.py',
-                    'vit_huge_patch14': 'config/advxl_ft_in1k_vith.py', 'vit_giant_patch14': 'config/advxl_ft_in1k_vitg.py',
-                    'convnext_base': 'config/advxl_ft_in1k_convnext_b.py',
-                    'convnext_large': 'config/advxl_ft_in1k_convnext_l.py', 'vit_demo_patch4': 'config/demo_ft.py'}
-
-
-def stage_model_config(src_ckpt):
-    """This stage's architecture: the preset, or the init_from checkpoint's architecture with
-    this stage's resolution, class count and regularisation."""
-    stage = dict(img_size=img_size, num_classes=num_classes, drop_path_rate=drop_path_rate, grad_ckpt=grad_ckpt)
-    if src_ckpt is None:
-        vit_only = {} if is_convnext(model) else dict(global_pool=global_pool)
-        return asdict(create_model_meta(model, **vit_only, **stage).config)
-    if 'model_args' in src_ckpt:
-        args = dict(src_ckpt['model_args'])
-        shape = lambda a: (tuple(a['depths']), tuple(a['dims'])) if 'dims' in a else \
-            (a['patch_size'], a['embed_dim'], a['depth'])
-        same = [n for n, p in PRESETS.items() if shape(PRESETS[n]) == shape(args)]
-        if same and model not in same:  # this stage's memory, recipe and config file are the model's own
-            ft = next((FINETUNE_CONFIGS[n] for n in same if n in FINETUNE_CONFIGS), None)
-            raise SystemExit(f"init_from {init_from} holds a {same[0]} but model='{model}': use that model's "
-                             f"config{f' (e.g. {ft})' if ft else ''} or --model={same[0]}")
-    else:  # a timm / official AdvXL state dict: the preset named by `model` must fit it
-        args = asdict(config_from_timm_state_dict(src_ckpt, arch=model))
-    src_cfg = src_ckpt.get('config', {})
-    keep_embed = is_clip_run(src_cfg) and (data == 'webdataset' or loss in CLIP_LOSSES)  # still a CLIP embedding
-    new_label_head = {'head_bias': True} if 'head_bias' in args and not keep_embed else {}  # CLIP projections have none
-    return {**args, **stage, 'embed_out': args.get('embed_out', 0) if keep_embed else 0, **new_label_head}
-
-
-def create_model_meta(name, **kw):
-    try:
-        with torch.device('meta'):
-            return create_model(name, **kw)
-    except ValueError as e:
-        raise SystemExit(f"model: {e}")
-
-
-def eps_str(v):
-    return f"{v * 255:.3g}/255" if norm == 'Linf' else f"{v:.3g}"  # L_inf radii read best in pixel levels
-
-
-def stage_compute(cfg):
-    """Forward MACs x (PGD steps + 1) x samples, in 1e10 GFLOPs (the paper's Table 2 column)."""
-    with torch.device('meta'):
-        m = build_model(cfg)
-    per_sample = m.flops(img_size, mask_ratio, mask_kind) * (pgd_steps + 1)
-    return per_sample, per_sample * samples / 1e19
-
-
-# ----------------------------------------------------------------------------- where this stage starts
-# A checkpoint of this stage in out_dir wins over init_from: a requeued or restarted job runs the
-# same command and continues. init_from is only where a new stage starts.
-own_ckpts = [] if overwrite else checkpoint_files(out_dir)
-from_open_clip = init_from not in ('scratch', 'resume') and not os.path.exists(init_from) and is_open_clip_spec(init_from)
-if init_from == 'resume' and not own_ckpts:
-    raise SystemExit(f"init_from='resume': no checkpoint in {out_dir} (a stage started with the same command "
-                     f"resumes by itself; init_from names where a new stage starts)")
-resuming = bool(own_ckpts)
-src = None
-if resuming:
-    src = read_checkpoint(out_dir)
-    check_same_stage(src.get('config', {}))
-    if src['samples_seen'] >= samples and os.path.exists(os.path.join(out_dir, 'results.json')) and not dry_run:
-        print(f"stage {os.path.basename(out_dir)} is complete ({src['samples_seen']} samples); its results are in "
-              f"{os.path.join(out_dir, 'results.json')}")
-        sys.exit(0)
-elif from_open_clip:  # a pretrained open_clip image tower; weights are read below
-    model_args = {**asdict(open_clip_tower_config(init_from, img_size)), 'drop_path_rate': drop_path_rate,
-                  'grad_ckpt': grad_ckpt}
-elif init_from not in ('scratch', 'resume'):  # a dry run checks the new stage against it as a real run does
-    if dry_run and not os.path.exists(init_from):
-        raise SystemExit(f"init_from {init_from} not found: this stage starts from that run's model, so the dry run "
-                         f"needs it too; run that stage first, or plan this stage alone with --init_from=scratch")
-    src = read_checkpoint(init_from)
-if resuming or not from_open_clip:
-    model_args = dict(src['model_args']) if resuming else stage_model_config(src)
-try:
-    fwd_macs, compute_1e10 = stage_compute(model_args)
-except ValueError as e:  # e.g. mask_ratio on a ConvNeXt: the model says why
-    raise SystemExit(f"mask_ratio={mask_ratio}: {e}")
-
+# where this stage starts (its own checkpoint, or init_from), its architecture and compute
+check_config(config)
+start = find_start(config)
+model_args = start.model_args
+fwd_macs, compute_1e10 = stage_compute(config, model_args)
 if dry_run:
-    print("config (where it differs from train.py's defaults, and what set it):")
-    print('\n'.join(resolved_config(config, _config_defaults, _config_origin)))  # noqa: F821 (configurator)
-    with torch.device('meta'):
-        arch = build_model(model_args).describe()
-    print(f"stage {os.path.basename(out_dir)}: {arch}, {samples / 1e6:g}M samples at {img_size}px "
-          f"(mask {mask_ratio:g} {mask_kind}), "
-          f"PGD-{pgd_steps} {norm} eps {eps_str(eps)} step {eps_str(pgd_step_size)}, "
-          f"{fwd_macs / (pgd_steps + 1) / 1e9:.2f} GMACs forward/sample, batch {batch_size}, "
-          f"{math.ceil(samples / batch_size)} steps")
-    print(f"compute_1e10_gflops={compute_1e10:.6g}")
-    if plan_memory:
-        import memplan
-        micro_plan = micro_batch_size or batch_size // plan_world
-        plan_dtype = dtype if device.startswith('cuda') else 'bfloat16'  # the plan is for the GPU run
-        plan = memplan.memory_plan(model_args, micro_plan, img_size, pgd_steps, mask_ratio, mask_kind, plan_dtype,
-                                   ema=ema_decay > 0, text_tower=text_tower if data == 'webdataset' else None,
-                                   frozen_copy=loss == 'fare', eval_dtype=eval_dtype,
-                                   budget=gpu_mem_gib * memplan.GiB, eval_batch=eval_batch_size)
-        print(f"memory per GPU at {plan_world} GPUs, micro batch {micro_plan} "
-              f"({batch_size // (micro_plan * plan_world)} accumulation), {plan_dtype}, grad_ckpt "
-              f"{model_args.get('grad_ckpt')}, evaluation batch {plan['eval_batch']} in {eval_dtype}: "
-              f"{memplan.format_plan(plan)}")
-        peak = plan['peak'] / memplan.GiB
-        if peak > gpu_mem_gib:
-            print(f"warning: the plan needs {peak:.1f} GiB per GPU, more than gpu_mem_gib={gpu_mem_gib}: lower "
-                  f"micro_batch_size or set grad_ckpt=True")
-        print(f"peak_mem_gib={peak:.2f} world={plan_world}")
+    print_dry_run(config, model_args, fwd_macs, compute_1e10,
+                  resolved_config(config, _config_defaults, _config_origin))  # noqa: F821 (configurator)
     sys.exit(0)
 
-# ----------------------------------------------------------------------------- setup
+# processes, precision, the run folder
 rank, world, device = init_distributed(device, dist_timeout_s)
 ddp = dist.is_initialized()
 master = rank == 0
@@ -281,9 +149,9 @@ micro = micro_batch_size or batch_size // world
 grad_accum = batch_size // (micro * world)
 if grad_accum * micro * world != batch_size:
     raise SystemExit(f"batch_size {batch_size} is not a multiple of micro_batch_size {micro} x {world} ranks")
-if resuming and src.get('world', world) != world and master:
-    print(f"warning: resuming with {world} rank(s) where the checkpoint ran {src['world']}: the run continues, but "
-          f"no longer bitwise as an uninterrupted one (data order and per-rank randomness change)", file=sys.stderr)
+if start.resuming and start.src.get('world', world) != world and master:
+    print(f"warning: resuming with {world} rank(s) where the checkpoint ran {start.src['world']}: the run continues, "
+          f"but no longer bitwise as an uninterrupted one (data order and per-rank randomness change)", file=sys.stderr)
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 torch.set_num_threads(threads_per_rank(cpu_threads, num_workers, world))
 torch_dtype = torch.bfloat16 if dtype == 'bfloat16' else torch.float32
@@ -292,24 +160,9 @@ eval_autocast = autocast if eval_dtype == 'bfloat16' else TrueFp32()  # the fina
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 if master:
-    os.makedirs(out_dir, exist_ok=True)
-    remove_temp_files(out_dir)  # half-written checkpoints of a process killed mid-save
-    if overwrite:
-        for f in checkpoint_files(out_dir) + [os.path.join(out_dir, n) for n in ('log.jsonl', 'results.json')]:
-            if os.path.exists(f):
-                os.remove(f)
-    if resuming:  # drop log records past the checkpoint: this run writes them again
-        log_path = os.path.join(out_dir, 'log.jsonl')
-        if os.path.exists(log_path):
-            kept = [l for l in open(log_path) if l.strip() and not json.loads(l).get('final')
-                    and json.loads(l)['samples'] <= src['samples_seen']]
-            with open(log_path + '.tmp', 'w') as f:
-                f.writelines(kept)
-            os.replace(log_path + '.tmp', log_path)
+    prepare_out_dir(out_dir, overwrite, start.src['samples_seen'] if start.resuming else None)
 
 # data: the demo (anything under data_cache/demo) is generated once by rank 0, the others wait
-if data not in ('demo', 'imagefolder', 'shards', 'webdataset'):
-    raise SystemExit(f"data='{data}' is unknown: use 'demo', 'imagefolder', 'shards' or 'webdataset'")
 if data == 'demo':
     train_data, val_data = train_data or f'{demo_data.DEMO_ROOT}/train', val_data or f'{demo_data.DEMO_ROOT}/val'
 if any(p.startswith(demo_data.DEMO_ROOT) for p in (train_data, val_data)):
@@ -318,116 +171,37 @@ if any(p.startswith(demo_data.DEMO_ROOT) for p in (train_data, val_data)):
     if ddp:
         dist.barrier()
 web, shards = data == 'webdataset', data == 'shards'  # shards: labelled, the web path's resumable stream
+clip_ft = loss in CLIP_LOSSES
 val_tf = datalib.val_transform(img_size, val_crop_pct, val_interpolation)
 
-# The frozen text tower: web data's targets, the zero-shot head of a labelled stage after a CLIP
-# stage, and TeCoA's / FARE's zero-shot classifier. It is the one the tower was trained with: this
-# run's own (web, or resumed), the source run's, or the open_clip model's; the checkpoint's config
-# names it, so eval_autoattack rebuilds the same classifier.
-clip_ft = loss in CLIP_LOSSES
-src_cfg = (src or {}).get('config', {})
-tower_cfg = None
-if web or (resuming and clip_ft):
-    tower_cfg = config if web else src_cfg
-elif clip_ft and from_open_clip:
-    name, tag = open_clip_text_source(init_from)
-    tower_cfg = {**config, 'text_tower': name, 'text_pretrained': tag or ''}
-elif src is not None and is_clip_run(src_cfg):
-    tower_cfg = src_cfg
-elif clip_ft:
-    raise SystemExit(f"loss='{loss}' starts from a CLIP tower: init_from must name an open_clip model "
-                     f"(e.g. ViT-B-32/openai) or a run trained on web data or with TeCoA/FARE")
-tower = None
-if tower_cfg is not None:
-    for k in ('text_tower', 'text_pretrained', 'prompt_templates'):
-        config[k] = tower_cfg[k]
-    config['text_seed'] = tower_cfg.get('text_seed', tower_cfg['seed'])  # a random tower's init (demo, tests)
-    tower = load_text_tower(config['text_tower'], config['text_pretrained'] or None, device,
-                            precision='bf16' if dtype == 'bfloat16' else 'fp32', seed=config['text_seed'])
-    classnames = imagenet_classnames() if num_classes == 1000 else datalib.class_names(val_data)
-    zs_weights = zeroshot_weights(tower, classnames, list(config['prompt_templates']) or None).to(device)
-    if loss == 'tecoa':
-        tecoa_weights = zeroshot_weights(tower, classnames, list(tecoa_templates) or list(config['prompt_templates'])
-                                         or None).to(device)
+# the frozen text tower and zero-shot classifier of CLIP stages (None otherwise); a web stage's
+# image tower ends in the text tower's embedding width
+tower, zs_weights, tecoa_weights = text_side(config, start, device, val_data)
 if web:
     model_args['embed_out'] = tower.embed_dim
-
-
-@torch.no_grad()
-def zeroshot_feature_norm(backbone, proj):
-    """Mean |image embedding| over a few val images: scales the zero-shot head's logits."""
-    ds = datalib.ImageFolderSafe(val_data, val_tf)
-    x = torch.stack([item[0] for item in (ds[(i, 0)] for i in range(min(32, len(ds)))) if item is not None])
-    z = proj(backbone.eval().forward_features(x))
-    backbone.train()
-    return z.norm(dim=-1).mean().item()
-
-
-def start_new_stage(model, src):
-    """Weights only from another run or file (pos embed resized; a new head if the task
-    changed); returns (new_head, compute and samples of the stages before)."""
-    sd = clean_state_dict(src.get('ema') or src.get('model', src))  # a new stage takes the EMA weights if kept
-    key = model.classifier_key()
-    new_head = sd[key + '.weight'].shape != model.get_classifier().weight.shape
-    model.load_weights(sd, skip_head=new_head)
-    if new_head and tower is not None and not web:  # web -> labels: start from the zero-shot classifier
-        bias = sd.get(key + '.bias')
-        proj = torch.nn.Linear(*sd[key + '.weight'].shape[::-1], bias=bias is not None)
-        proj.load_state_dict({'weight': sd[key + '.weight'], **({'bias': bias} if bias is not None else {})})
-        model.set_classifier(head_from_zeroshot(torch.nn.ModuleDict({'head': proj}), zs_weights.cpu(),
-                                                feature_norm=zeroshot_feature_norm(model, proj)))
-        log("init_from: class head initialised from the CLIP zero-shot classifier")
-    return new_head, src.get('compute_prev', 0.0) + src.get('compute', 0.0), \
-        src.get('samples_prev', 0) + src.get('samples_seen', 0)
-
 
 # model, optimizer, state
 torch.manual_seed(seed)
 raw_model = build_model(model_args)
-samples_seen, compute_prev, samples_prev = 0, 0.0, 0  # *_prev: earlier stages, for the logs' totals
-if resuming:  # the trained weights (the EMA, if any, is restored below)
-    raw_model.load_weights(src['model'])
-    samples_seen, compute_prev, samples_prev = src['samples_seen'], src['compute_prev'], src.get('samples_prev', 0)
-elif src is not None:
-    new_head, compute_prev, samples_prev = start_new_stage(raw_model, src)
-    log(f"init_from {init_from}: {'new head, ' if new_head else ''}{raw_model.describe()}")
-elif from_open_clip:
-    raw_model.load_weights(load_open_clip_image_tower(init_from, img_size=img_size).state_dict())
-    log(f"init_from {init_from}: open_clip image tower, {raw_model.describe()}")
-if tower is not None and not web:  # a labelled stage needed the text tower for its head only
+samples_seen, compute_prev, samples_prev = start_weights(raw_model, config, start, zs_weights, val_data, val_tf, log)
+if not web:  # a labelled stage needed the text tower for its head only
     tower = None
 raw_model.to(device)
-fare = None
-if loss == 'fare':  # phi_orig: the starting tower, frozen (a resumed run rebuilds it from init_from)
-    if resuming:
-        start = build_model(model_args)
-        if from_open_clip:
-            start.load_weights(load_open_clip_image_tower(init_from, img_size=img_size).state_dict())
-        else:
-            start_new_stage(start, read_checkpoint(init_from))
-        fare = FareLoss(start, device, torch_dtype)
-    else:
-        fare = FareLoss(raw_model, device, torch_dtype)
+fare = fare_copy(config, start, raw_model, device, torch_dtype) if loss == 'fare' else None
 contrastive = ContrastiveLoss(logit_scale_init).to(device) if web else None
-decay = [p for n, p in raw_model.named_parameters() if p.ndim >= 2 and 'pos_embed' not in n and 'cls_token' not in n]
-no_decay = [p for n, p in raw_model.named_parameters() if not (p.ndim >= 2 and 'pos_embed' not in n and 'cls_token' not in n)]
-no_decay += list(contrastive.parameters()) if web else []  # the temperature
-groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
-if optimizer not in ('adamw', 'sgd'):
-    raise SystemExit(f"optimizer='{optimizer}' is unknown: use 'adamw' or 'sgd'")
-opt = torch.optim.AdamW(groups, lr=lr, betas=(beta1, beta2), fused=device_type == 'cuda') \
-    if optimizer == 'adamw' else torch.optim.SGD(groups, lr=lr, momentum=momentum)
+opt = make_optimizer(config, raw_model, contrastive.parameters() if web else (), fused=device_type == 'cuda')
 ema = None
 if ema_decay > 0:
     ema = build_model(model_args).to(device).requires_grad_(False)
-    ema.load_state_dict(src['ema'] if resuming and src.get('ema') else raw_model.state_dict())
-if resuming:
-    opt.load_state_dict(src['optimizer'])
+    ema.load_state_dict(start.src['ema'] if start.resuming and start.src.get('ema') else raw_model.state_dict())
+data_state = None
+if start.resuming:
+    opt.load_state_dict(start.src['optimizer'])
     if web:
-        contrastive.load_state_dict(src['contrastive'])
+        contrastive.load_state_dict(start.src['contrastive'])
+    data_state = start.src.get('data_state')
     log(f"resumed {out_dir} at {samples_seen} samples")
-data_state = src.get('data_state') if resuming else None
-del src  # free the checkpoint (memory-mapped: its pages go with it)
+start.src = None  # free the checkpoint (memory-mapped: its pages go with it)
 if device_type == 'cuda':
     torch.cuda.empty_cache()
 
@@ -546,7 +320,7 @@ def save_checkpoint():
             'compute': fwd_macs * samples_seen / 1e19, 'compute_prev': compute_prev, 'samples_prev': samples_prev,
             'stage': os.path.basename(out_dir), 'config': config, 'data_state': states, 'world': world,
             'contrastive': contrastive.state_dict() if web else None,
-            'zeroshot_weights': zs_weights.float().cpu() if tower_cfg is not None else None}  # eval's classifier
+            'zeroshot_weights': zs_weights.float().cpu() if zs_weights is not None else None}  # eval's classifier
     write_checkpoint(ckpt, out_dir, samples_seen, keep_ckpts)
 
 
@@ -653,7 +427,7 @@ while samples_seen < samples:
             record['peak_mem_gib'] = torch.cuda.max_memory_allocated(device) / 2 ** 30  # to hold against the dry run's plan
             mfu = f", MFU {100 * record['mfu']:.1f}%, peak {record['peak_mem_gib']:.1f} GiB"
         log(f"{stage} {samples_seen}/{samples} | loss {record['loss']:.4f} | adv acc {record['adv_acc']:.1f}% | "
-            f"lr {record['lr']:.2e} | eps {eps_str(eps_now)} | {record['img_per_s']:.0f} img/s{mfu} | "
+            f"lr {record['lr']:.2e} | eps {eps_str(eps_now, norm)} | {record['img_per_s']:.0f} img/s{mfu} | "
             f"compute {record['compute_1e10'] * 1e10:.3g} GFLOPs")
         write_log(record)
         acc_loss.zero_(), acc_correct.zero_()
@@ -694,7 +468,7 @@ if master:
         json.dump(results, f, indent=2)
     os.replace(os.path.join(out_dir, 'results.json.tmp'), os.path.join(out_dir, 'results.json'))
     print(f"\n| stage | samples | eps | clean | PGD-{eval_pgd_steps} | wall |\n|---|---|---|---|---|---|\n"
-          f"| {stage} | {samples_seen} | {eps_str(results['eps'])} | {clean:.1f}% | {robust:.1f}% | "
+          f"| {stage} | {samples_seen} | {eps_str(results['eps'], norm)} | {clean:.1f}% | {robust:.1f}% | "
           f"{results['wall_s']:.0f}s |")
 if ddp:
     dist.barrier()  # leave together: a rank that tears down gloo while another still talks to it aborts
