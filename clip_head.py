@@ -99,6 +99,35 @@ class TextTower(nn.Module):
         return self._table[self._to_device(torch.tensor([self._rows[t] for t in texts], dtype=torch.long))]
 
 
+class TextEncoder(nn.Module):
+    """The trained text half of a joint CLIP run: tokens -> (unnormalised) caption embeddings.
+    It shares its weights with `tower` (a TextTower), so a zero-shot classifier the tower builds
+    sees the current weights. CLIP's own logit_scale stays frozen: ContrastiveLoss holds the
+    temperature that trains."""
+
+    def __init__(self, tower):
+        super().__init__()
+        self.clip, self.tokenizer = tower.clip, tower.tokenizer
+        self.clip.requires_grad_(True)
+        if isinstance(getattr(self.clip, 'logit_scale', None), nn.Parameter):
+            self.clip.logit_scale.requires_grad_(False)
+
+    def tokenize(self, texts):
+        return self.tokenizer(list(texts))
+
+    def forward(self, tokens):
+        return self.clip.encode_text(tokens)
+
+
+def text_param_groups(text, weight_decay):
+    """Weight decay on the text tower's matrices only: none on norms, biases and embeddings
+    (token and position), as CLIP trains it."""
+    params = [(n, p) for n, p in text.named_parameters() if p.requires_grad]
+    decays = lambda n, p: p.ndim >= 2 and 'embedding' not in n
+    return [{'params': [p for n, p in params if decays(n, p)], 'weight_decay': weight_decay},
+            {'params': [p for n, p in params if not decays(n, p)], 'weight_decay': 0.0}]
+
+
 # -------------------------------------------------------------------- contrastive loss
 class _ScaleGrad(torch.autograd.Function):
     @staticmethod

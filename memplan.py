@@ -117,6 +117,17 @@ def tower_params(name):
     return sum(p.numel() for n, p in clip.named_parameters() if not n.startswith('visual.'))
 
 
+def text_activation_bytes(name, micro, dtype='bfloat16'):
+    """Activations a trained text tower saves for backward over a micro batch of captions: per
+    layer and token, s * (34 h + 5 a s) bytes at 2-byte precision (Korthikanti et al. 2022, eq. 2,
+    with s the context length, h the width, a the heads), doubled in fp32."""
+    from open_clip_interop import _open_clip
+    text = _open_clip().get_model_config(name)['text_cfg']
+    s, h, layers = text.get('context_length', 77), text.get('width', 512), text.get('layers', 12)
+    a = text.get('heads', h // 64)
+    return (1 if dtype == 'bfloat16' else 2) * micro * layers * s * (34 * h + 5 * a * s)
+
+
 def eval_activation_line(model_args, img_size, dtype='float32'):
     """(fixed, per image) bytes of one evaluation attack step (PGD-k's input gradient, no masking)
     at dtype: activation_bytes is linear in the batch, so two batch sizes give the line."""
@@ -131,7 +142,8 @@ def fitting_eval_batch(line, budget, largest):
 
 
 def memory_plan(model_args, micro, img_size, pgd_steps, mask_ratio=0.0, mask_kind='random', dtype='bfloat16',
-                ema=False, text_tower=None, frozen_copy=False, eval_dtype='float32', budget=None, eval_batch=0):
+                ema=False, text_tower=None, frozen_copy=False, eval_dtype='float32', budget=None, eval_batch=0,
+                train_text=False):
     """{component: bytes} per GPU, 'peak' and 'eval_batch'. Weights, gradients, AdamW's two moments
     and the EMA are fp32, and so is FARE's frozen copy of the image tower (run under autocast); the
     CLIP text tower is bf16 under bf16 training. DDP's buckets are the gradients
@@ -139,15 +151,20 @@ def memory_plan(model_args, micro, img_size, pgd_steps, mask_ratio=0.0, mask_kin
     each on top of that state: a training step's attack and update (at dtype), the evaluations
     during training (at dtype, without masking), and the final evaluation (PGD at eval_dtype,
     without masking) at the largest batch up to `micro`
-    that keeps the peak within `budget` bytes (micro when budget is None), or at eval_batch."""
+    that keeps the peak within `budget` bytes (micro when budget is None), or at eval_batch.
+    train_text: the text tower trains too (joint CLIP): fp32 weights, gradients, AdamW state and
+    EMA like the image tower's, and its activations, kept through the attack and the update."""
     with torch.device('meta'):
         n_params = sum(p.numel() for p in model_lib.build_model(model_args).parameters())
     frozen_bytes = 2 if dtype == 'bfloat16' else 4
     plan = {'parameters': 4 * n_params, 'gradients': 4 * n_params, 'adamw_state': 8 * n_params,
             'ema': 4 * n_params if ema else 0,
-            'text_tower': frozen_bytes * tower_params(text_tower) if text_tower else 0,
+            'text_tower': ((20 if ema else 16) if train_text else frozen_bytes) * tower_params(text_tower)
+            if text_tower else 0,
             'frozen_copy': 4 * n_params if frozen_copy else 0,
-            'images': micro * 3 * img_size ** 2 * (1 + 4 * 3)}  # uint8 batch; x, x_adv and its gradient in fp32
+            'images': micro * 3 * img_size ** 2 * (1 + 4 * 3),  # uint8 batch; x, x_adv and its gradient in fp32
+            # joint CLIP: the captions' embeddings are computed once, before the attack, and kept for the update
+            'text_activations_kept': text_activation_bytes(text_tower, micro, dtype) if train_text else 0}
     args = dict(model_args, img_size=img_size)
     plan['attack_activations'] = activation_bytes(args, micro, img_size, 'attack', mask_ratio, mask_kind, dtype) \
         if pgd_steps > 0 else 0

@@ -14,7 +14,8 @@ import torch
 
 import data as datalib
 from checkpoint import checkpoint_files, read_checkpoint, remove_temp_files
-from clip_head import FareLoss, head_from_zeroshot, imagenet_classnames, is_clip_run, zeroshot_weights
+from clip_head import (FareLoss, head_from_zeroshot, imagenet_classnames, is_clip_run, text_param_groups,
+                       zeroshot_weights)
 from model import PRESETS, build_model, clean_state_dict, config_from_timm_state_dict, create_model, is_convnext
 from open_clip_interop import (is_open_clip_spec, load_open_clip_image_tower, load_text_tower, open_clip_text_source,
                                open_clip_tower_config)
@@ -40,6 +41,11 @@ def check_config(cfg):
         raise SystemExit(f"loss='{cfg['loss']}' fine-tunes on labelled images: use data='imagefolder' (or 'demo')")
     if cfg['data'] not in ('demo', 'imagefolder', 'shards', 'webdataset'):
         raise SystemExit(f"data='{cfg['data']}' is unknown: use 'demo', 'imagefolder', 'shards' or 'webdataset'")
+    if cfg['train_text_tower'] and cfg['data'] != 'webdataset':
+        raise SystemExit("train_text_tower=True trains the text tower on captions: use data='webdataset'")
+    if cfg['train_text_tower'] and cfg['caption_embeddings']:
+        raise SystemExit("caption_embeddings holds a frozen text tower's embeddings: a trained text tower (train_text_tower="
+                         "True) encodes every caption as it trains; drop caption_embeddings")
     if cfg['optimizer'] not in ('adamw', 'sgd'):
         raise SystemExit(f"optimizer='{cfg['optimizer']}' is unknown: use 'adamw' or 'sgd'")
 
@@ -171,7 +177,8 @@ def print_dry_run(cfg, model_args, fwd_macs, compute_1e10, resolved_lines):
                                cfg['mask_kind'], plan_dtype, ema=cfg['ema_decay'] > 0,
                                text_tower=cfg['text_tower'] if cfg['data'] == 'webdataset' else None,
                                frozen_copy=cfg['loss'] == 'fare', eval_dtype=cfg['eval_dtype'],
-                               budget=budget * memplan.GiB, eval_batch=cfg['eval_batch_size'])
+                               budget=budget * memplan.GiB, eval_batch=cfg['eval_batch_size'],
+                               train_text=cfg['train_text_tower'])
     print(f"memory per GPU at {world} GPUs, micro batch {micro} ({batch_size // (micro * world)} accumulation), "
           f"{plan_dtype}, grad_ckpt {model_args.get('grad_ckpt')}, evaluation batch {plan['eval_batch']} in "
           f"{cfg['eval_dtype']}: {memplan.format_plan(plan)}")
@@ -223,14 +230,24 @@ def text_side(cfg, start, device, val_data):
     for k in ('text_tower', 'text_pretrained', 'prompt_templates'):
         cfg[k] = tower_cfg[k]
     cfg['text_seed'] = tower_cfg.get('text_seed', tower_cfg['seed'])  # a random tower's init (demo, tests)
-    tower = load_text_tower(cfg['text_tower'], cfg['text_pretrained'] or None, device,
-                            precision='bf16' if cfg['dtype'] == 'bfloat16' else 'fp32', seed=cfg['text_seed'])
-    classnames = imagenet_classnames() if cfg['num_classes'] == 1000 else datalib.class_names(val_data)
-    prompts = list(cfg['prompt_templates']) or None
+    trained = cfg['train_text_tower'] or (start.src or {}).get('text_model') is not None
+    tower = load_text_tower(cfg['text_tower'], cfg['text_pretrained'] or None, device,  # a trained one: fp32 weights
+                            precision='bf16' if cfg['dtype'] == 'bfloat16' and not trained else 'fp32',
+                            seed=cfg['text_seed'])
+    text_src = start.src if start.src is not None and start.src.get('text_model') is not None else None
+    if text_src is not None and text_src.get('config', {}).get('text_tower') == cfg['text_tower']:
+        tower.clip.load_state_dict(text_src['text_model'])  # the text tower a joint CLIP run trained
+    classnames, prompts = zeroshot_prompts(cfg, val_data)
     zs_weights = zeroshot_weights(tower, classnames, prompts).to(device)
     tecoa_weights = zeroshot_weights(tower, classnames, list(cfg['tecoa_templates']) or prompts).to(device) \
         if loss == 'tecoa' else None
     return tower, zs_weights, tecoa_weights
+
+
+def zeroshot_prompts(cfg, val_data):
+    """(class names, prompt templates) of the stage's zero-shot classifier."""
+    classnames = imagenet_classnames() if cfg['num_classes'] == 1000 else datalib.class_names(val_data)
+    return classnames, list(cfg['prompt_templates']) or None
 
 
 @torch.no_grad()
@@ -293,13 +310,15 @@ def fare_copy(cfg, start, model, device, dtype):
     return FareLoss(orig, device, dtype)
 
 
-def make_optimizer(cfg, model, extra_no_decay=(), fused=False):
+def make_optimizer(cfg, model, extra_no_decay=(), text=None, fused=False):
     """AdamW (or SGD, TeCoA) with no weight decay on norms, biases, position embeddings and the
-    class token, nor on extra_no_decay (the contrastive temperature)."""
+    class token, nor on extra_no_decay (the contrastive temperature); a trained text tower
+    (joint CLIP) gets its own groups (clip_head.text_param_groups)."""
     decays = lambda n, p: p.ndim >= 2 and 'pos_embed' not in n and 'cls_token' not in n
     decay = [p for n, p in model.named_parameters() if decays(n, p)]
     no_decay = [p for n, p in model.named_parameters() if not decays(n, p)] + list(extra_no_decay)
     groups = [{'params': decay, 'weight_decay': cfg['weight_decay']}, {'params': no_decay, 'weight_decay': 0.0}]
+    groups += text_param_groups(text, cfg['weight_decay']) if text is not None else []
     if cfg['optimizer'] == 'adamw':
         return torch.optim.AdamW(groups, lr=cfg['lr'], betas=(cfg['beta1'], cfg['beta2']), fused=fused)
     return torch.optim.SGD(groups, lr=cfg['lr'], momentum=cfg['momentum'])

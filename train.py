@@ -10,13 +10,14 @@ $ torchrun --nproc_per_node=8 train.py config/advxl_ft_in1k_vitl.py --init_from=
 Each step: PGD finds adversarial images with input-only gradients on the unwrapped model
 (no weight gradients, no all-reduce), then the model trains on the adversarial images only.
 """
+import copy
 import json
 import math
 import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict
 
 import torch
@@ -30,12 +31,12 @@ import decode
 import demo_data
 import webdata
 from attack import TrueFp32, evaluate_pgd, pgd
-from clip_head import ContrastiveLoss, ZeroShotClassifier, attack_loss_fn, tecoa_loss_fn
+from clip_head import ContrastiveLoss, TextEncoder, TextTower, ZeroShotClassifier, attack_loss_fn, tecoa_loss_fn, zeroshot_weights
 from checkpoint import save_checkpoint as write_checkpoint
 from distributed import StopFlag, init_distributed, leave_distributed, threads_per_rank
 from model import build_model
 from stage import (CLIP_LOSSES, check_config, eps_str, fare_copy, find_start, make_optimizer, prepare_out_dir,
-                   print_dry_run, stage_compute, start_weights, text_side)
+                   print_dry_run, stage_compute, start_weights, text_side, zeroshot_prompts)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -71,6 +72,7 @@ text_tower = 'ViT-L-14-CLIPA'   # open_clip model name whose text side is used
 text_pretrained = 'datacomp1b'  # open_clip pretrained tag, or a local weights file
 logit_scale_init = 1 / 0.07     # learnable temperature of the contrastive loss (CLIP)
 caption_embeddings = ''         # optional side file of precomputed caption embeddings (clip_head.py)
+train_text_tower = False        # web data: the text tower trains too (joint adversarial CLIP pre-training)
 # robust fine-tuning of a CLIP image tower on labelled images (README "Robust CLIP"); init_from may
 # then name an open_clip model 'name/tag' (e.g. ViT-L-14/openai) or 'name:/path/weights.bin'
 loss = ''                       # '' = the data's own (labels: cross-entropy, web: contrastive) | 'tecoa' | 'fare'
@@ -179,6 +181,9 @@ val_tf = datalib.val_transform(img_size, val_crop_pct, val_interpolation)
 tower, zs_weights, tecoa_weights = text_side(config, start, device, val_data)
 if web:
     model_args['embed_out'] = tower.embed_dim
+# joint CLIP: the text tower trains too; it shares its weights with `tower`, whose zero-shot
+# classifier is rebuilt from them before every evaluation and checkpoint
+text_model = TextEncoder(tower).to(device) if train_text_tower else None
 
 # model, optimizer, state
 torch.manual_seed(seed)
@@ -189,11 +194,18 @@ if not web:  # a labelled stage needed the text tower for its head only
 raw_model.to(device)
 fare = fare_copy(config, start, raw_model, device, torch_dtype) if loss == 'fare' else None
 contrastive = ContrastiveLoss(logit_scale_init).to(device) if web else None
-opt = make_optimizer(config, raw_model, contrastive.parameters() if web else (), fused=device_type == 'cuda')
-ema = None
+opt = make_optimizer(config, raw_model, contrastive.parameters() if web else (), text_model, fused=device_type == 'cuda')
+ema = ema_text = None
 if ema_decay > 0:
     ema = build_model(model_args).to(device).requires_grad_(False)
     ema.load_state_dict(start.src['ema'] if start.resuming and start.src.get('ema') else raw_model.state_dict())
+    if text_model is not None:
+        ema_text = copy.deepcopy(tower.clip).requires_grad_(False)
+        if start.resuming and start.src.get('text_ema') is not None:
+            ema_text.load_state_dict(start.src['text_ema'])
+# the weights the EMA follows, as two lists (one fused lerp per step)
+ema_pairs = [] if ema is None else list(zip(ema.parameters(), raw_model.parameters())) + \
+    ([] if ema_text is None else [(e, p) for e, p in zip(ema_text.parameters(), tower.clip.parameters()) if p.requires_grad])
 data_state = None
 if start.resuming:
     opt.load_state_dict(start.src['optimizer'])
@@ -209,6 +221,8 @@ fast_model = torch.compile(raw_model) if compile else raw_model  # attacks and t
 # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets (no second copy)
 train_model = DDP(fast_model, device_ids=[device] if device_type == 'cuda' else None,
                   gradient_as_bucket_view=True) if ddp else fast_model
+train_text = None if text_model is None else DDP(text_model, device_ids=[device] if device_type == 'cuda' else None,
+                                                 gradient_as_bucket_view=True) if ddp else text_model
 
 aug = dict(scale=tuple(crop_scale), hflip=0.5 * hflip, auto_augment=auto_augment, interpolation=train_interpolation)
 if web or shards:
@@ -255,7 +269,9 @@ def next_batch(step, micro_step):
     if web:  # targets: the captions' fixed text embeddings; accuracy: in-batch image->text retrieval
         b = next(train_iter)
         x = to_device(b.image)
-        if captions is not None:
+        if text_model is not None:  # joint CLIP: tokens, which the step encodes with the trained tower
+            txt = to_device(text_model.tokenize(b.text))
+        elif captions is not None:
             emb = captions[b.key]
             txt = to_device(emb.pin_memory() if device_type == 'cuda' else emb)
         else:
@@ -310,9 +326,10 @@ def save_checkpoint():
         states = [None] * world
         dist.all_gather_object(states, train_loader.state_dict()) if ddp else states.__setitem__(0, train_loader.state_dict())
         states = webdata.merge_states(states)
+    refresh_zeroshot()  # (every rank: an evaluation may follow)
     if not master:
         return
-    if not torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all():  # one host sync
+    if not torch.stack([torch.isfinite(p).all() for p in trained_params]).all():  # one host sync
         raise SystemExit(f"weights are NaN/inf at {samples_seen} samples: not overwriting the last good checkpoint "
                          f"in {out_dir} (lower lr or check the data)")
     ckpt = {'model': raw_model.state_dict(), 'model_args': model_args, 'optimizer': opt.state_dict(),
@@ -320,8 +337,28 @@ def save_checkpoint():
             'compute': fwd_macs * samples_seen / 1e19, 'compute_prev': compute_prev, 'samples_prev': samples_prev,
             'stage': os.path.basename(out_dir), 'config': config, 'data_state': states, 'world': world,
             'contrastive': contrastive.state_dict() if web else None,
+            'text_model': tower.clip.state_dict() if text_model is not None else None,  # joint CLIP's text tower
+            'text_ema': ema_text.state_dict() if ema_text is not None else None,
             'zeroshot_weights': zs_weights.float().cpu() if zs_weights is not None else None}  # eval's classifier
     write_checkpoint(ckpt, out_dir, samples_seen, keep_ckpts)
+
+
+def no_sync(sync):
+    """DDP's no_sync on every trained module for an accumulation micro step; nothing when sync."""
+    stack = ExitStack()
+    for m in (train_model, train_text) if not sync else ():
+        if m is not None:
+            stack.enter_context(m.no_sync())
+    return stack
+
+
+def refresh_zeroshot():
+    """Joint CLIP: the zero-shot classifier from the text tower as it is now (its EMA, if kept)."""
+    if text_model is not None:
+        text = tower if ema_text is None else TextTower(ema_text, tower.tokenizer, tower.name, tower.pretrained,
+                                                        tower.embed_dim, cache_size=0)
+        zs_weights.copy_(zeroshot_weights(text, *zeroshot_prompts(config, val_data)))
+        eval_model.weights.copy_(zs_weights)
 
 
 def progress():
@@ -353,6 +390,8 @@ if wandb_log and master:
     import wandb
     wandb.init(project=wandb_project, name=os.path.basename(out_dir), config=config)
 
+trained_params = list(raw_model.parameters()) + ([] if text_model is None else
+                                                 [p for p in text_model.parameters() if p.requires_grad])
 eval_model = ema if ema is not None else raw_model
 if web or clip_ft:  # a CLIP tower is evaluated as a zero-shot classifier of the labelled val set
     eval_model = ZeroShotClassifier(eval_model, zs_weights)
@@ -377,24 +416,25 @@ while samples_seen < samples:
     for micro_step in range(grad_accum):
         x, targets, y, n_bad = next_batch(step, micro_step)
         bad_images += n_bad
-        with autocast:
-            x_adv = pgd(fast_model, x, targets, attack_loss, eps_now, step_now, pgd_steps, norm, pgd_random_start,
-                        mask_ratio=mask_ratio, mask_kind=mask_kind)
-            sync = not ddp or micro_step == grad_accum - 1  # all-reduce gradients once per optimizer step
-            with train_model.no_sync() if not sync else nullcontext():
-                logits = train_model(x_adv, mask_ratio=mask_ratio, mask_kind=mask_kind)
-                micro_loss = train_loss(logits, targets) / grad_accum
-                micro_loss.backward()
+        sync = not ddp or micro_step == grad_accum - 1  # all-reduce gradients once per optimizer step
+        with autocast, no_sync(sync):
+            if train_text is not None:  # joint CLIP: the captions' embeddings, once; the attack holds them fixed
+                targets = train_text(targets)
+            x_adv = pgd(fast_model, x, targets.detach(), attack_loss, eps_now, step_now, pgd_steps, norm,
+                        pgd_random_start, mask_ratio=mask_ratio, mask_kind=mask_kind)
+            logits = train_model(x_adv, mask_ratio=mask_ratio, mask_kind=mask_kind)
+            micro_loss = train_loss(logits, targets) / grad_accum
+            micro_loss.backward()
         acc_loss += micro_loss.detach()
-        acc_correct += (predictions(logits.detach(), targets) == y).sum()
+        acc_correct += (predictions(logits.detach(), targets.detach()) == y).sum()
     first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(acc_loss), step, first_bad_step)
     if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_(trained_params, grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=False)  # gradients stay DDP's bucket views, also in no_sync steps (the memory plan)
-    if ema is not None:
+    if ema_pairs:
         with torch.no_grad():  # else autograd chains every step's update onto the last: a growing graph
-            torch._foreach_lerp_(list(ema.parameters()), list(raw_model.parameters()), 1 - ema_decay)
+            torch._foreach_lerp_([e for e, _ in ema_pairs], [p for _, p in ema_pairs], 1 - ema_decay)
     samples_seen += batch_size
     step += 1
     stop = stop_flag(sigterm_step is not None)
@@ -439,10 +479,11 @@ while samples_seen < samples:
                 f"the same command resumes")
             if ddp:
                 dist.barrier()
-                train_model = stop_flag = None  # nothing may hold a process group at exit (leave_distributed)
+                train_model = train_text = stop_flag = None  # nothing may hold a process group at exit
                 leave_distributed()
             sys.exit(0)
     if crossed(eval_every, samples_seen) and not done:
+        refresh_zeroshot()
         clean, robust, _ = evaluate_pgd(eval_model, val_loader, eval_eps or eps, eval_pgd_steps, eval_step_size,
                                         norm, autocast=autocast)
         log(f"eval {samples_seen}: clean {clean:.2f}% | PGD-{eval_pgd_steps} {robust:.2f}% ({dtype})")
@@ -454,6 +495,7 @@ stop_flag.finish()
 if step > start_step:  # (a finished stage run again only redoes its final evaluation)
     save_checkpoint()
 train_s = time.time() - t_start
+refresh_zeroshot()
 final_loader = datalib.val_loader(val_data, val_tf, final_eval_batch(), final_eval_samples or None, rank, world,
                                   num_workers)
 clean, robust, n_eval = evaluate_pgd(eval_model, final_loader, eval_eps or eps, eval_pgd_steps, eval_step_size,
@@ -472,5 +514,5 @@ if master:
           f"{results['wall_s']:.0f}s |")
 if ddp:
     dist.barrier()  # leave together: a rank that tears down gloo while another still talks to it aborts
-    train_model = stop_flag = None  # nothing may hold a process group at exit (leave_distributed)
+    train_model = train_text = stop_flag = None  # nothing may hold a process group at exit (leave_distributed)
     leave_distributed()
