@@ -16,7 +16,9 @@ Rows:
              stage over the same samples (train.py end to end): time ratio, accuracy of both
   autoattack eval_autoattack.py vs the official code (pyautoattack 0.2.0), same model/points
   cuda       (GPU only) img/s, FLOP/s, MFU, memory, largest batch, activation checkpointing,
-             AutoAttack points/s on ViT-B/16
+             AutoAttack points/s on ViT-B/16 (--cuda_rows: chosen rows only)
+  joint_clip the CLIP demo with both towers trained vs the frozen random text tower, same
+             budget: zero-shot clean / PGD-20, text->image recall@1 clean / PGD-20 (full runs only)
 FLOPs: training forward+backward = 3x forward, each attack step = 2x forward (forward plus
 the input-only backward); forward = model.flops() (multiply-accumulates) x 2.
 """
@@ -428,6 +430,57 @@ def bench_two_stage(quick):
     return r
 
 
+def val_caption_pairs(img_size, n):
+    """The first n (image, caption) pairs of the demo's val shard, images as val_transform makes them."""
+    import io
+    import data
+    import demo_data
+    import webdata
+    from PIL import Image
+    tf = data.val_transform(img_size, 1.0, 'bilinear')
+    pairs = [(tf(Image.open(io.BytesIO(s['jpg'])).convert('RGB')), s['txt'].decode())
+             for _, s in webdata.iter_tar_samples(f'{demo_data.DEMO_ROOT}/shards/val-0000.tar', wanted=set(range(n)))]
+    return torch.stack([p[0] for p in pairs]), [p[1] for p in pairs]
+
+
+def clip_towers(out_dir):
+    """A CLIP run's image tower and its text tower: the trained one (joint runs) or the frozen one."""
+    from checkpoint import read_checkpoint
+    from model import model_from_file
+    from open_clip_interop import load_text_tower
+    ckpt = read_checkpoint(out_dir)
+    cfg = ckpt['config']
+    tower = load_text_tower(cfg['text_tower'], cfg['text_pretrained'] or None, seed=cfg['text_seed'])
+    if ckpt.get('text_model') is not None:
+        tower.clip.load_state_dict(ckpt['text_model'])
+    return model_from_file(out_dir).eval(), tower
+
+
+def bench_joint_clip(quick, n=500):
+    """config/demo_clip_joint.py (both towers trained) beside config/demo_clip.py (frozen random text
+    tower), same budget: zero-shot clean / PGD-20 at 8/255 on n val images (results.json), and
+    text -> image retrieval recall@1 on the val captions, clean and under PGD-20 at 8/255.
+    --quick: 1/16 of the budget (a smoke run: its accuracies mean little)."""
+    from clip_head import retrieval_recall_at_1
+    f = 16 if quick else 1
+    budget = [f'--samples={60000 // f}', f'--warmup_samples={2000 // f}', f'--eps_warmup={10000 // f}',
+              f'--log_every={4000 // f}', f'--final_eval_samples={n}', '--overwrite=True']
+    out = {}
+    for name, cfg in (('frozen_text', 'config/demo_clip.py'), ('joint', 'config/demo_clip_joint.py')):
+        res = run_stage([cfg, *budget], f'out/bench_clip_{name}')
+        image, tower = clip_towers(f'out/bench_clip_{name}')
+        x, caps = val_caption_pairs(image.config.img_size, n)
+        torch.manual_seed(0)
+        out[name] = dict(zero_shot_clean=res['clean_acc'], zero_shot_pgd20=res['pgd20_acc'], train_s=res['train_s'],
+                         recall1_clean=retrieval_recall_at_1(image, tower, x, caps),
+                         recall1_pgd20=retrieval_recall_at_1(image, tower, x, caps, eps=8 / 255))
+        print(f"  {name}: zero-shot {res['clean_acc']:.1f} / {res['pgd20_acc']:.1f}, text->image R@1 "
+              f"{out[name]['recall1_clean']:.1f} / {out[name]['recall1_pgd20']:.1f} (clean / PGD-20), "
+              f"{res['train_s']:.0f} s", flush=True)
+    out.update(budget_fraction=1 / f, images=n)
+    return out
+
+
 # ----------------------------------------------------------------------------- 4. AutoAttack
 def official_autoattack(model, x, y, norm, eps, seed, bs, version='standard', attacks=None):
     """pyautoattack's run: robust mask and its per-attack cumulative robust accuracy."""
@@ -591,7 +644,7 @@ def main():
     ap.add_argument('--out', default='bench.json')
     args = ap.parse_args()
     rows = args.rows.split(',') if args.rows else \
-        ['train', 'loader', 'two_stage', 'autoattack', 'cuda'] + ([] if args.quick else ['fast_path'])
+        ['train', 'loader', 'two_stage', 'autoattack', 'cuda'] + ([] if args.quick else ['fast_path', 'joint_clip'])
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     cpu = torch.device('cpu')
     info = dict(date=time.strftime('%Y-%m-%d'), quick=args.quick, torch=torch.__version__, pillow=pillow_build(),
@@ -612,6 +665,8 @@ def main():
     if 'two_stage' in rows:
         res['two_stage'] = bench_two_stage(args.quick)
         res['two_stage_time_ratio'] = res['two_stage']['two_stage_time_ratio']
+    if 'joint_clip' in rows:
+        res['joint_clip'] = bench_joint_clip(args.quick)
     if 'autoattack' in rows:
         res['autoattack'] = bench_autoattack_demo(args.ckpt, args.n or (10 if args.quick else 100), 'Linf', 8 / 255)
         if 'robust' in res['autoattack']:

@@ -248,6 +248,29 @@ class ZeroShotClassifier(nn.Module):
             return self.logit_scale * feats @ self.weights.T
 
 
+def retrieval_recall_at_1(image_model, tower, images, captions, eps=0.0, steps=20, step_size=1 / 255,
+                          batch_size=100):
+    """Text -> image retrieval recall@1 (percent) over (image, caption) pairs: a caption counts as
+    retrieved when the image it ranks first carries that same caption (captions can repeat).
+    eps > 0: each image first gets an L_inf PGD attack (steps, step_size, random start) that
+    pushes it away from its own caption among all the distinct captions (cross-entropy over the
+    caption gallery at logit scale 100)."""
+    from attack import pgd
+    gallery = list(dict.fromkeys(captions))
+    own = torch.tensor([gallery.index(c) for c in captions])
+    text = tower.encode(gallery, cache=False)  # (G, E), normalised
+    classify = ZeroShotClassifier(image_model, text).to(text.device).eval()
+    feats = []
+    for x, y in zip(images.split(batch_size), own.split(batch_size)):
+        x, y = x.to(text.device), y.to(text.device)
+        if eps > 0:
+            x = pgd(classify, x, y, lambda out, t: F.cross_entropy(out, t), eps, step_size, steps)
+        with torch.no_grad():
+            feats.append(F.normalize(image_model(x).float(), dim=-1))
+    first = (text[own.to(text.device)] @ torch.cat(feats).T).argmax(1).cpu()  # each caption's top image
+    return 100.0 * (own[first] == own).float().mean().item()
+
+
 @torch.no_grad()
 def head_from_zeroshot(model, weights, scale=100.0, feature_norm=1.0):
     """nn.Linear(D, C) to replace model.head (the (E, D) projection) for fine-tuning on
