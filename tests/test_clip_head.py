@@ -381,3 +381,31 @@ def test_train_py_web_stage_then_zero_shot_then_fine_tune(tmp_path):
     assert ft.returncode == 0 and 'zero-shot classifier' in ft.stdout, ft.stderr[-2000:]
     # samples=0: the labelled head is exactly the zero-shot classifier (same argmax)
     assert json.load(open(tmp_path / 'ft' / 'results.json'))['clean_acc'] == pytest.approx(res['clean_acc'], abs=0.6)
+
+
+class CaptionLookup(nn.Module):
+    """An 'image tower' that knows each image's caption: image i (all pixels i / 100) embeds as the
+    text tower's embedding of captions[perm[i]], plus a small trainable-free linear term in the
+    pixels so that an attack can move it."""
+
+    def __init__(self, tower, captions, perm):
+        super().__init__()
+        self.register_buffer('table', tower.encode([captions[j] for j in perm], cache=False))
+        self.mix = nn.Linear(3, self.table.shape[1], bias=False)
+        nn.init.normal_(self.mix.weight, std=50.0)
+
+    def forward(self, x):
+        idx = (x[:, 0, 0, 0] * 100).round().long().clamp(0, len(self.table) - 1)
+        return self.table[idx] + self.mix(x.mean((2, 3)) - x[:, :, :1, :1].mean((2, 3)))
+
+
+def test_retrieval_recall_counts_the_caption_and_falls_under_attack(tower):
+    captions = [f"{s}: a small red {s} on dots" for s in ('star', 'circle', 'heart', 'ring', 'cross', 'arrow')] * 2
+    x = torch.arange(len(captions)).float().div(100).view(-1, 1, 1, 1).expand(-1, 3, 8, 8).contiguous()
+    perfect = CaptionLookup(tower, captions, range(len(captions)))
+    assert ch.retrieval_recall_at_1(perfect, tower, x, captions) == 100.0  # repeated captions count as found
+    shifted = CaptionLookup(tower, captions, [(i + 1) % 6 + 6 * (i // 6) for i in range(len(captions))])
+    assert ch.retrieval_recall_at_1(shifted, tower, x, captions) == 0.0
+    torch.manual_seed(0)
+    attacked = ch.retrieval_recall_at_1(perfect, tower, x, captions, eps=0.004, steps=10, step_size=0.001)
+    assert attacked <= 50.0
