@@ -385,8 +385,8 @@ def test_train_py_web_stage_then_zero_shot_then_fine_tune(tmp_path):
 
 class CaptionLookup(nn.Module):
     """An 'image tower' that knows each image's caption: image i (all pixels i / 100) embeds as the
-    text tower's embedding of captions[perm[i]], plus a small trainable-free linear term in the
-    pixels so that an attack can move it."""
+    text tower's embedding of captions[perm[i]], plus a steep linear term in the pixels (zero on
+    a constant image) that an attack can move."""
 
     def __init__(self, tower, captions, perm):
         super().__init__()
