@@ -280,8 +280,12 @@ def load_model(path, arch=None, classnames=None, device='cpu'):
     older checkpoint rebuilt as train.py built it. An open_clip model spec ('ViT-B-32/openai',
     'ViT-L-14-quickgelu:/path/weights.bin', see open_clip_interop.parse_open_clip_spec) becomes its own
     zero-shot classifier with CLIP's 80 templates over `classnames` (default: ImageNet's), CLIP's
-    mean/std inside. A text tower runs on `device`, on rank 0 only (the others get its classifier)."""
+    mean/std inside. A text tower runs on `device`, on rank 0 only (the others get its classifier).
+    'local-dir:DIR': a folder export.py wrote, loaded by timm or open_clip (export.load_exported)."""
     from checkpoint import read_checkpoint
+    if path.startswith('local-dir:'):  # a folder export.py wrote, loaded by timm or open_clip
+        import export
+        return export.load_exported(path, classnames, device)
     if open_clip_interop.is_open_clip_spec(path):
         vit, tower = open_clip_interop.load_open_clip(path, text=_rank_world()[0] == 0, device=device)
         m = clip_head.ZeroShotClassifier(vit, _from_rank0(
@@ -316,6 +320,9 @@ def model_args_of(path, arch=None):
     config, without building the model: for the memory plan and --dry_run."""
     from dataclasses import asdict
     from checkpoint import read_checkpoint
+    if path.startswith('local-dir:'):
+        import export
+        return export.exported_model_args(path)
     if open_clip_interop.is_open_clip_spec(path):
         return asdict(open_clip_interop.open_clip_tower_config(path))
     ckpt = read_checkpoint(path)
@@ -465,7 +472,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--ckpt', required=True, help="this project's checkpoint or a timm/AdvXL state dict, or an "
-                    "open_clip model 'name[/tag][:file]' (e.g. ViT-B-32/openai): its zero-shot classifier")
+                    "open_clip model 'name[/tag][:file]' (e.g. ViT-B-32/openai): its zero-shot classifier; or "
+                    "local-dir:DIR, a folder export.py wrote")
     ap.add_argument('--arch', default=None, help='preset name when the file does not say (e.g. vit_huge_patch14)')
     ap.add_argument('--norm', default='Linf', choices=['Linf', 'L2', 'L1'])
     ap.add_argument('--eps', default=None, help='e.g. 4/255 (default: Linf 4/255, L2 2.0, L1 75)')
@@ -523,6 +531,7 @@ def main(argv=None):
     eps = parse_eps(args.eps) if args.eps is not None else DEFAULT_EPS[args.norm]
     eps_tag = (args.eps or {'Linf': '4/255', 'L2': '2.0', 'L1': '75'}[args.norm]).replace('/', '-')
     open_clip_spec = open_clip_interop.is_open_clip_spec(args.ckpt)
+    exported = args.ckpt.startswith('local-dir:')  # export.py's folder: its classes and results as for a spec
     try:
         model_args = model_args_of(args.ckpt, args.arch)
     except ValueError as e:  # an --arch that does not fit the weights
@@ -557,7 +566,8 @@ def main(argv=None):
         say(line)
         return dict(dry_run=True, batch_size=bs, batch_size_from=bs_why, data=data_desc, img_size=img_size,
                     model_args=model_args, summary=line)
-    demo_classes = data.class_names(os.path.join(demo_data.DEMO_ROOT, 'val')) if open_clip_spec and args.data is None else None
+    demo_classes = data.class_names(os.path.join(demo_data.DEMO_ROOT, 'val')) \
+        if (open_clip_spec or exported) and args.data is None else None
     model = load_model(args.ckpt, args.arch, classnames=demo_classes, device=device)
     say(f"model {args.ckpt} ({getattr(model, 'config', '')}), data: {data_desc}, device {device}, {world} rank(s), "
         f"batch {bs} per rank ({bs_why})")
@@ -572,7 +582,7 @@ def main(argv=None):
         say(f"NON-STANDARD run ({', '.join(nonstandard)}): not the official AutoAttack setting; "
             "report these numbers as such")
     out_dir = args.ckpt if os.path.isdir(args.ckpt) else (os.path.dirname(args.ckpt) or '.')
-    if open_clip_spec:  # results of an open_clip model go to out/eval_<spec>/
+    if open_clip_spec or exported:  # results of an open_clip model or an export go to out/eval_<spec>/
         out_dir = os.path.join('out', 'eval_' + ''.join(c if c.isalnum() or c in '-.' else '_' for c in args.ckpt))
     out_dir = args.out_dir or out_dir
     os.makedirs(out_dir, exist_ok=True)

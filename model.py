@@ -509,6 +509,16 @@ def require_same_shapes(sd, own, what):
         raise ValueError(f"state dict does not fit {what}: shape mismatch {bad[:4]}")
 
 
+def timm_convnext_name(cfg):
+    """timm's registered name of a ConvNeXt of this shape (our presets tiny to large carry timm's names and
+    shapes), or None: open_clip builds a timm tower by its name alone."""
+    for name in ('convnext_tiny', 'convnext_small', 'convnext_base', 'convnext_large'):
+        p = PRESETS[name]
+        if (p['depths'], p['dims'], 4, 1e-6) == (tuple(cfg.depths), tuple(cfg.dims), cfg.patch_size, cfg.norm_eps):
+            return name
+    return None
+
+
 def config_from_timm_state_dict(sd, arch=None):
     """Architecture of a timm ViT state dict: the preset with the same patch, width and depth
     (heads cannot be read off the weights), or `arch` when given. A timm ConvNeXt state dict

@@ -2,13 +2,15 @@
 open_clip models in this project: the one file that talks to the open_clip library. Its text
 towers (frozen, for the contrastive loss and zero-shot heads of clip_head.py), its ViT image
 towers as our ViT and back (the layout map), model specs such as 'ViT-L-14/openai' (TeCoA and
-FARE start from one), and finding their weights and tokenizers offline or online.
+FARE start from one), finding their weights and tokenizers offline or online, and our CLIP
+towers in layouts open_clip builds itself (export.py's open_clip folders, and reading them back).
 
     tower = load_text_tower('ViT-L-14-CLIPA', 'datacomp1b', device='cuda', precision='bf16')
     vit = load_open_clip_image_tower('ViT-L-14/openai')   # our ViT, CLIP's mean/std inside
     vit = from_open_clip(oc_model)                        # from an open_clip model or state dict
     oc_model.visual.load_state_dict(open_clip_state_dict(vit))
 """
+import json
 import logging
 import math
 import os
@@ -19,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from clip_head import ASSETS, TextTower
-from model import ViT, ViTConfig, clean_state_dict
+from model import ViT, ViTConfig, clean_state_dict, create_model, timm_convnext_name
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's (and every open_clip ViT's) preprocessing
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -475,3 +477,170 @@ def open_clip_tower_config(spec, img_size=None):
                            cfg['embed_dim'], v.get('mlp_ratio', 4.0), v['width'] // v.get('head_width', 64),
                            'quick_gelu' if quick else 'gelu', not v.get('no_ln_pre', False))
 
+
+
+# -------------------------------------------------------------------- export: our towers in open_clip's own layouts
+# export.py writes these as a Hugging Face Hub folder that open_clip.create_model('local-dir:DIR') loads with
+# nothing of this project installed, so every tower must be one open_clip builds from its config alone.
+def _fold_head_bias(g, beta, W, b):
+    """LayerNorm (g, beta) then Linear (W, b) as a LayerNorm then a bias-free projection, the same
+    function: the normalised vector n sums to zero, so adding c (1/g)^T to W adds c * sum(n) = 0, except
+    to the new LayerNorm bias g / D, where it adds c; c = W beta + b - W g / D gives
+    W'(g n + g / D) = W(g n + beta) + b. In float64, then rounded once. Returns (bias, projection weight)."""
+    if (g == 0).any():
+        raise ValueError("the final LayerNorm has a zero weight: its head bias cannot move into open_clip's projection")
+    g, beta, W, b = (t.detach().double() for t in (g, beta, W, b))
+    c = W @ beta + b - W @ g / len(g)
+    return (g / len(g)).float(), (W + torch.outer(c, 1 / g)).float()
+
+
+def _vit_vision(vit):
+    """open_clip's VisionTransformer for any of our ViTs. What it lacks is folded in exactly: the patch
+    embedding's bias into the patch tokens' position embedding (they are always added together), the
+    head's bias into ln_post and the projection (_fold_head_bias)."""
+    c = vit.config
+    if not c.class_token:
+        raise ValueError("a ViT without a class token has no open_clip layout (open_clip's tower always has one)")
+    sd = {k: v.detach().float() for k, v in vit.state_dict().items()}
+    pos = sd['pos_embed'][0].clone()
+    if c.patch_bias:
+        pos[1:] += sd['patch_embed.proj.bias']
+    D = c.embed_dim
+    out = {'conv1.weight': sd['patch_embed.proj.weight'], 'class_embedding': sd['cls_token'].reshape(-1),
+           'positional_embedding': pos}
+    if c.pre_norm:
+        out.update({'ln_pre.weight': sd['norm_pre.weight'], 'ln_pre.bias': sd['norm_pre.bias']})
+    for i in range(c.depth):
+        for ours, theirs in _OPEN_CLIP_BLOCK:
+            sep = '_' if theirs == 'attn.in_proj' else '.'
+            for w in ('weight', 'bias'):
+                t = sd.get(f'blocks.{i}.{ours}.{w}')
+                if t is None:  # qkv_bias=False: open_clip's attention always has one, zero gives ours
+                    t = torch.zeros(3 * D)
+                out[f'transformer.resblocks.{i}.{theirs}{sep}{w}'] = t
+    final = 'fc_norm' if c.global_pool == 'avg' else 'norm'  # open_clip's ln_post, after or before the pool
+    g, beta, W = sd[f'{final}.weight'], sd[f'{final}.bias'], sd['head.weight']
+    if c.head_bias and sd['head.bias'].any():
+        beta, W = _fold_head_bias(g, beta, W, sd['head.bias'])
+    out.update({'ln_post.weight': g, 'ln_post.bias': beta, 'proj': W.t()})
+    cfg = dict(image_size=c.img_size, patch_size=c.patch_size, width=D, layers=c.depth, head_width=D // c.num_heads,
+               mlp_ratio=c.mlp_ratio, no_ln_pre=not c.pre_norm, pool_type='avg' if c.global_pool == 'avg' else 'tok',
+               final_ln_after_pool=c.global_pool == 'avg', norm_kwargs={'eps': c.norm_eps})
+    return cfg, out, c.act
+
+
+def _convnext_vision(net):
+    """open_clip's timm tower, which builds its trunk by timm's registered name alone: timm's ConvNeXt
+    sizes only, the head's linear layer as the tower's biased projection."""
+    name = timm_convnext_name(net.config)
+    if name is None:
+        raise ValueError(f"{net.describe()} is not one of timm's registered ConvNeXt sizes (tiny, small, base, "
+                         f"large), the only ConvNeXts open_clip builds")
+    sd = {('head.proj.' + k[len('head.fc.'):] if k.startswith('head.fc.') else 'trunk.' + k): v.detach().float()
+          for k, v in net.state_dict().items()}
+    cfg = dict(timm_model_name=name, timm_model_pretrained=False, timm_pool='avg', timm_proj='linear',
+               timm_proj_bias=True, image_size=net.config.img_size)
+    return cfg, sd, None  # timm towers ignore open_clip's quick_gelu
+
+
+def open_clip_vision(net):
+    """(vision_cfg, state dict of `visual`, activation or None) of our CLIP image tower in a layout open_clip
+    builds from its config alone, so that its encode_image of normalised images equals net([0,1] images).
+    ValueError where no layout fits."""
+    if not net.config.embed_out:
+        raise ValueError(f"{net.describe()} is a classifier, not a CLIP image tower (no embedding projection)")
+    return _convnext_vision(net) if hasattr(net.config, 'dims') else _vit_vision(net)
+
+
+def text_side(name, pretrained, seed=0, state_dict=None):
+    """(state dict, quick_gelu) of the text tower of open_clip model `name`: `state_dict` as given (a
+    run that trained its text tower), else load_text_tower's, in fp32 (a random one from `seed`, as the
+    run built it)."""
+    oc = _open_clip()
+    if oc.get_model_config(name) is None:
+        raise SystemExit(f"unknown open_clip model '{name}' (the run's text_tower)")
+    quick = bool(oc.get_model_config(name).get('quick_gelu')) or _tag_quick_gelu(oc, name, pretrained)
+    if state_dict is None:
+        state_dict = load_text_tower(name, pretrained or None, 'cpu', 'fp32', seed=seed).clip.state_dict()
+    return {k.removeprefix('module.'): v.detach().float() for k, v in state_dict.items()}, quick
+
+
+def save_tokenizer(name, folder):
+    """Write the Hugging Face tokenizer of open_clip model `name` (CLIPA's, for one) into `folder`: open_clip's
+    get_tokenizer('local-dir:DIR') reads it from the folder itself. Towers with open_clip's own BPE need none."""
+    oc = _open_clip()
+    text_cfg = oc.get_model_config(name)['text_cfg']
+    if not text_cfg.get('hf_tokenizer_name'):
+        return
+    tokenizer, problem = _tokenizer(oc, name, text_cfg, None, _offline_env())
+    if problem:
+        raise SystemExit(problem)
+    tokenizer.save_pretrained(folder)
+
+
+def open_clip_export(net, text_name, text_state_dict, quick_gelu, logit_scale, preprocess_cfg):
+    """(open_clip_config.json's content without extras, the model's full state dict) of a CLIP model whose
+    image tower is our `net` and whose text tower is open_clip model `text_name`'s, with log(1/temperature)
+    `logit_scale`. Checked by building that model (on the meta device) and loading the state dict strictly."""
+    oc = _open_clip()
+    vision_cfg, visual, act = open_clip_vision(net)
+    model_cfg = oc.get_model_config(text_name)
+    if model_cfg['embed_dim'] != net.config.embed_out:
+        raise ValueError(f"the image tower's embedding ({net.config.embed_out}) is not the text tower's "
+                         f"({model_cfg['embed_dim']}, '{text_name}')")
+    if act is not None and (act == 'quick_gelu') != quick_gelu:
+        raise ValueError(f"open_clip uses one activation for both towers: the image tower's is {act}, "
+                         f"'{text_name}' uses {'QuickGELU' if quick_gelu else 'GELU'}")
+    model_cfg = {**model_cfg, 'vision_cfg': vision_cfg, 'quick_gelu': quick_gelu}
+    sd = {'visual.' + k: v for k, v in visual.items()}
+    sd.update((k, v) for k, v in text_state_dict.items() if not k.startswith('visual.'))
+    shape = text_state_dict['logit_scale'].shape if 'logit_scale' in text_state_dict else \
+        (1,) if model_cfg.get('nonscalar_logit_scale') else ()
+    sd['logit_scale'] = torch.full(shape, float(logit_scale))
+    sd = {k: v.contiguous().clone() for k, v in sd.items()}  # safetensors: no views, no shared storage
+    logging.disable(logging.WARNING)  # 'initialized randomly': only the layout is built here
+    try:
+        with torch.device('meta'):
+            clip = oc.create_model(text_name, pretrained=None, device='meta', pretrained_text=False,
+                                   pretrained_image=False, vision_cfg=vision_cfg, quick_gelu=quick_gelu)
+    finally:
+        logging.disable(logging.NOTSET)
+    try:
+        clip.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"the export does not fit open_clip's model: {' '.join(str(e).split())[:300]}")
+    return {'model_cfg': model_cfg, 'preprocess_cfg': dict(preprocess_cfg)}, sd
+
+
+def load_open_clip_export(folder, device='cpu'):
+    """(open_clip model in eval mode, its tokenizer, its open_clip_config.json) of an exported folder,
+    through open_clip's own 'local-dir:' loader (what a user of the folder runs)."""
+    oc = _open_clip()
+    spec = 'local-dir:' + folder
+    logging.disable(logging.WARNING)
+    try:
+        clip = oc.create_model(spec, device=device)
+    finally:
+        logging.disable(logging.NOTSET)
+    with open(os.path.join(folder, 'open_clip_config.json'), encoding='utf-8') as f:
+        cfg = json.load(f)
+    return clip.eval(), oc.get_tokenizer(spec), cfg
+
+
+def open_clip_export_model_args(cfg):
+    """Our model's arguments (asdict of its config) for an exported open_clip_config.json's image tower,
+    read off the config alone: for eval_autoattack's memory plan and dry run."""
+    m, pp = cfg['model_cfg'], cfg['preprocess_cfg']
+    v = m['vision_cfg']
+    mean, std = tuple(pp['mean']), tuple(pp['std'])
+    if v.get('timm_model_name'):
+        with torch.device('meta'):
+            net = create_model(v['timm_model_name'], img_size=v['image_size'], embed_out=m['embed_dim'], mean=mean,
+                               std=std)
+        return asdict(net.config)
+    return asdict(ViTConfig(img_size=v['image_size'], patch_size=v['patch_size'], embed_dim=v['width'],
+                            depth=v['layers'], num_heads=v['width'] // v.get('head_width', 64),
+                            mlp_ratio=v.get('mlp_ratio', 4.0),
+                            global_pool='avg' if v.get('pool_type') == 'avg' else 'token', embed_out=m['embed_dim'], norm_eps=(v.get('norm_kwargs') or {}).get('eps', 1e-5),
+                            mean=mean, std=std, patch_bias=False, pre_norm=not v.get('no_ln_pre', False),
+                            act='quick_gelu' if m.get('quick_gelu') else 'gelu', head_bias=False))

@@ -1,6 +1,6 @@
 """
 Every command the project documents works as written. Each `train.py` (also under torchrun),
-`eval_autoattack.py` and `make_shards.py` command in README.md, docs/*.md, train.py's docstring
+`eval_autoattack.py`, `make_shards.py` and `export.py` command in README.md, docs/*.md, train.py's docstring
 and every config's header is run here the cheapest honest way:
 
 - train.py: `--dry_run=True --plan_memory=False` in this process (fresh globals per command,
@@ -16,6 +16,7 @@ and every config's header is run here the cheapest honest way:
   folder is (/data/... paths moved into the scratch folder).
 - eval_autoattack.py: its --dry_run, with the same stand-ins for --ckpt; skipped while the
   script has no --dry_run.
+- export.py: run for real on the stand-in of its run (zero weights), into the scratch folder.
 A command with a placeholder (`...`, `<config>`, `--key=value`) is a template and is left out.
 """
 import ast
@@ -37,7 +38,7 @@ from model import build_model, create_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, 'train.py')
-SCRIPTS = ('train.py', 'eval_autoattack.py', 'make_shards.py')
+SCRIPTS = ('train.py', 'eval_autoattack.py', 'make_shards.py', 'export.py')
 TEMPLATE = re.compile(r'\.\.\.|…|<|^--key=value$')  # `train.py config/x.py --key=value`: how to call, no command
 LAUNCHER = re.compile(r'(?:^|(?<=\s))(?:[\w./-]*/)?(?:python3?|torchrun)\s')
 
@@ -262,6 +263,17 @@ def test_documented_command_runs(cmd, runs):
         with contextlib.redirect_stdout(io.StringIO()):
             manifest = make_shards.main(args)
         assert manifest and os.path.exists(os.path.join(pos[1], 'manifest.json')), f"{where}: make_shards.py {args}"
+    elif script == 'export.py':
+        import export
+        d = runs.workdir(command_id(cmd), [os.path.normpath(args[0])])
+        old = os.getcwd()
+        os.chdir(d)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                out = export.main(args)
+        finally:
+            os.chdir(old)
+        assert os.listdir(os.path.join(d, out)), f"{where}: `export.py {' '.join(args)}`"
     else:
         if '--dry_run' not in open(os.path.join(ROOT, 'eval_autoattack.py')).read():
             pytest.skip('eval_autoattack.py has no --dry_run yet')
