@@ -77,6 +77,14 @@ def test_both_towers_train_and_a_resumed_run_is_bitwise_the_same(shards, tmp_pat
     import data
     want = zeroshot_weights(tower, data.class_names(f'{shards}/val'), list(a['config']['prompt_templates']))
     torch.testing.assert_close(a['zeroshot_weights'], want, rtol=1e-5, atol=1e-6)
+    # exported for open_clip, the folder's text tower is the trained one
+    import export
+    import open_clip
+    hub = export.main([str(full), '--to', 'open_clip', '--out', str(tmp_path / 'hub')])
+    clip = open_clip.create_model_and_transforms('local-dir:' + hub)[0].eval()
+    tokens = start.tokenizer(['star: a small red star on dots', 'a ring'])
+    with torch.no_grad():
+        torch.testing.assert_close(clip.encode_text(tokens), start.clip.encode_text(tokens), rtol=1e-5, atol=1e-6)
 
 
 def test_two_ranks_train_both_towers_and_resume_bitwise(shards, tmp_path):
