@@ -559,12 +559,14 @@ def config_from_timm_state_dict(sd, arch=None):
 
 
 def model_from_file(path, arch=None, **overrides):
-    """A ViT or ConvNeXt from this project's checkpoint (a file, or a run's out_dir) or a timm / official
-    AdvXL state dict (architecture from `arch` or read off the weights). Not put in eval mode."""
+    """A ViT or ConvNeXt from this project's checkpoint (a file, or a run's out_dir; its EMA weights
+    where the run kept them) or a timm / official AdvXL state dict (architecture from `arch` or read
+    off the weights). Not put in eval mode."""
     from checkpoint import read_checkpoint
     ckpt = read_checkpoint(path)
     if isinstance(ckpt, dict) and 'model_args' in ckpt:
         args = ckpt['model_args']
+        ckpt = ckpt.get('ema') or ckpt['model']  # the weights the run evaluated and hands on: its EMA, if kept
     else:
         args = asdict(config_from_timm_state_dict(ckpt, arch))
     return build_model({**args, **overrides}).load_weights(ckpt)

@@ -260,3 +260,19 @@ def test_classifier_swap(name, key):
     assert m.classifier_key() == key and m.get_classifier() is m.get_submodule(key)
     m.set_classifier(torch.nn.Linear(m.get_classifier().in_features, 3))
     assert m(torch.rand(2, 3, 32, 32)).shape == (2, 3) and m.state_dict()[key + '.weight'].shape[0] == 3
+
+
+def test_a_run_that_kept_an_ema_is_read_as_its_ema(tmp_path):
+    """The weights a run evaluated and hands on (train.py: its EMA where it kept one) are the ones
+    eval_autoattack and export read, not the raw model's."""
+    from dataclasses import asdict
+    torch.manual_seed(0)
+    live, ema = M.create_model('vit_pico_patch4'), M.create_model('vit_pico_patch4')
+    ckpt = {'model': live.state_dict(), 'ema': ema.state_dict(), 'model_args': asdict(live.config)}
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    got = M.model_from_file(str(tmp_path / 'ckpt.pt')).state_dict()
+    assert all(torch.equal(got[k], ema.state_dict()[k]) for k in got)
+    assert not all(torch.equal(got[k], live.state_dict()[k]) for k in got)
+    torch.save({**ckpt, 'ema': None}, tmp_path / 'plain.pt')
+    got = M.model_from_file(str(tmp_path / 'plain.pt')).state_dict()
+    assert all(torch.equal(got[k], live.state_dict()[k]) for k in got)
