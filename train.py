@@ -32,7 +32,7 @@ import webdata
 from attack import TrueFp32, evaluate_pgd, pgd
 from clip_head import (ContrastiveLoss, FareLoss, ZeroShotClassifier, attack_loss_fn, head_from_zeroshot,
                        imagenet_classnames, is_clip_run, tecoa_loss_fn, zeroshot_weights)
-from distributed import StopFlag, init_distributed, leave_distributed, threads_per_rank
+from distributed import StopFlag, agree_on_resume, init_distributed, leave_distributed, threads_per_rank
 from checkpoint import checkpoint_files, read_checkpoint, remove_temp_files, save_checkpoint as write_checkpoint
 from model import PRESETS, build_model, clean_state_dict, config_from_timm_state_dict, create_model, is_convnext
 from open_clip_interop import (is_open_clip_spec, load_open_clip_image_tower, load_text_tower, open_clip_text_source,
@@ -274,6 +274,7 @@ if dry_run:
 
 # ----------------------------------------------------------------------------- setup
 rank, world, device = init_distributed(device, dist_timeout_s)
+agree_on_resume(src['samples_seen'] if resuming else None, out_dir)  # each node read its own out_dir
 ddp = dist.is_initialized()
 master = rank == 0
 log = print if master else (lambda *a, **k: None)
