@@ -33,7 +33,7 @@ import webdata
 from attack import TrueFp32, evaluate_pgd, pgd
 from clip_head import ContrastiveLoss, TextEncoder, TextTower, ZeroShotClassifier, attack_loss_fn, tecoa_loss_fn, zeroshot_weights
 from checkpoint import save_checkpoint as write_checkpoint
-from distributed import StopFlag, init_distributed, leave_distributed, threads_per_rank
+from distributed import StopFlag, agree_on_resume, init_distributed, leave_distributed, threads_per_rank
 from model import build_model
 from stage import (CLIP_LOSSES, check_config, eps_str, fare_copy, find_start, make_optimizer, prepare_out_dir,
                    print_dry_run, stage_compute, start_weights, text_side, zeroshot_prompts)
@@ -144,6 +144,7 @@ if dry_run:
 
 # processes, precision, the run folder
 rank, world, device = init_distributed(device, dist_timeout_s)
+agree_on_resume(start.src['samples_seen'] if start.resuming else None, out_dir)  # each node read its own out_dir
 ddp = dist.is_initialized()
 master = rank == 0
 log = print if master else (lambda *a, **k: None)

@@ -1,5 +1,6 @@
 """
-Every command the project documents works as written. Each `train.py` (also under torchrun),
+Every command the project documents works as written. Each `train.py` (also under torchrun, or
+as the arguments of a scripts/slurm/*.sbatch job),
 `eval_autoattack.py`, `make_shards.py` and `export.py` command in README.md, docs/*.md, train.py's docstring
 and every config's header is run here the cheapest honest way:
 
@@ -50,7 +51,12 @@ def commands_in(text):
     for seg in re.split(r'&&|\|\||;|\|', text):
         m = LAUNCHER.search(seg)
         if m is None:
-            toks = seg.split()  # a bare `config/x.py --key=value` is train.py's arguments (README tables)
+            toks = seg.split()
+            slurm = [i for i, t in enumerate(toks) if re.fullmatch(r'scripts/slurm/\w+\.sbatch', t)]
+            if slurm:  # sbatch ... scripts/slurm/x.sbatch <train.py's arguments>
+                found.append(('train.py', shlex.split(' '.join(toks[slurm[0] + 1:]), comments=True)))
+                continue
+            # a bare `config/x.py --key=value` is train.py's arguments (README tables)
             if toks and re.fullmatch(r'config/\w+\.py', toks[0]) and any(t.startswith('--') for t in toks[1:]):
                 found.append(('train.py', toks))
             continue
