@@ -87,6 +87,7 @@ def test_both_towers_train_and_a_resumed_run_is_bitwise_the_same(shards, tmp_pat
         torch.testing.assert_close(clip.encode_text(tokens), start.clip.encode_text(tokens), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # about 40 s on 2 cores; the one-process resume runs by default
 def test_two_ranks_train_both_towers_and_resume_bitwise(shards, tmp_path):
     import socket
     with socket.socket() as s:
