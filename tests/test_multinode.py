@@ -201,6 +201,31 @@ def test_whole_node_killed_then_started_again(tmp_path, reference):
     logged_once(out)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('launch', ['standalone', 'static_two_nodes'])
+def test_other_torchrun_rendezvous_restart_once(launch, tmp_path, reference):
+    """The same fault under torchrun's other rendezvous: c10d on one node (--standalone, 2 ranks)
+    and static on two nodes (--rdzv_backend=static, --node_rank; the other node's agent restarts
+    when its rank loses its peer). One resume, bitwise."""
+    out, port = tmp_path / 'run', free_port()
+    run = [sys.executable, '-m', 'torch.distributed.run', '--max-restarts=1']
+    if launch == 'standalone':
+        cmds = [run + ['--standalone', '--nproc_per_node=2', 'train.py', *demo_args(out)]]
+    else:
+        cmds = [run + ['--nnodes=2', f'--node_rank={i}', '--nproc_per_node=1', '--rdzv_backend=static',
+                       '--master_addr=127.0.0.1', f'--master_port={port}', 'train.py', *demo_args(out)] for i in range(2)]
+    logs = [tmp_path / f'node{i}.log' for i in range(len(cmds))]
+    procs = [start(c, log) for c, log in zip(cmds, logs)]
+    try:
+        wait_for(lambda: newest_samples(out) >= 64, procs[-1])
+        os.kill(worker_pids(procs[-1].pid)[-1], signal.SIGKILL)
+    finally:
+        codes = finish(procs)
+    log = text(*logs)
+    assert codes == [0] * len(procs) and log.count('resumed') == 1, log[-3000:]
+    assert_same_weights(reference, out)
+
+
 # ----------------------------------------------------------------------------- the SLURM scripts
 def sbatch(script, args, tmp_path, log, nodes=2):
     """bash runs the script as sbatch would on `nodes` nodes of one GPU each (one CPU rank here),
