@@ -44,7 +44,7 @@ import memplan
 import model as model_lib
 import open_clip_interop
 from autoattack import _flat_norm, attack_config, check_model, run_attack
-from distributed import leave_distributed
+from distributed import init_distributed, leave_distributed
 
 DEFAULT_EPS = {'Linf': 4 / 255, 'L2': 2.0, 'L1': 75.0}
 
@@ -520,10 +520,7 @@ def main(argv=None):
     if device.type == 'cuda':
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized() and not args.dry_run:
-        # device_id: NCCL binds this rank's GPU now rather than guessing it from the rank
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo',
-                                timeout=datetime.timedelta(seconds=args.dist_timeout_s),
-                                device_id=device if device.type == 'cuda' else None)
+        init_distributed(str(device), args.dist_timeout_s)  # as train.py: NCCL on GPUs, every launcher and round
     rank, world = _rank_world() if dist.is_initialized() else (int(os.environ.get('RANK', 0)), world)
     group = _patient_group()  # made now, while every rank is here
     say = print if rank == 0 else (lambda *a, **k: None)
