@@ -256,8 +256,8 @@ def retrieval_recall_at_1(image_model, tower, images, captions, eps=0.0, steps=2
     pushes it away from its own caption among all the distinct captions (cross-entropy over the
     caption gallery at logit scale 100)."""
     from attack import pgd
-    gallery = list(dict.fromkeys(captions))
-    own = torch.tensor([gallery.index(c) for c in captions])
+    row = {c: i for i, c in enumerate(dict.fromkeys(captions))}  # each distinct caption's row in the gallery
+    gallery, own = list(row), torch.tensor([row[c] for c in captions])
     text = tower.encode(gallery, cache=False)  # (G, E), normalised
     classify = ZeroShotClassifier(image_model, text).to(text.device).eval()
     feats = []

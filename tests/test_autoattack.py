@@ -57,13 +57,7 @@ def make_model(adv_train, steps=300):
     return m.eval().requires_grad_(False)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # tiny models: with 2 threads on a shared 2-core machine these tests ran 20x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')  # (conftest.py)
 
 
 @pytest.fixture(scope='module')

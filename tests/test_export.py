@@ -38,13 +38,7 @@ def train(*argv):
         signal.signal(signal.SIGTERM, saved[3])
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # tiny models: one thread beats two, many times over when other processes share the cores
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures('one_thread')  # (conftest.py)
 
 
 @pytest.fixture(scope='module')
