@@ -14,6 +14,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+def soft_cross_entropy(logits, targets):
+    """Cross-entropy against soft targets (label smoothing, MixUp), in fp32 under autocast."""
+    return F.cross_entropy(logits.float(), targets)
+
+
 def _l2_norm(t):
     return t.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).view(-1, *([1] * (t.ndim - 1)))
 

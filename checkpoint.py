@@ -76,6 +76,13 @@ def _fsync_folder(folder):
         os.close(fd)
 
 
+def refuse_nonfinite(params, samples, folder):
+    """Stop before NaN/inf weights overwrite the last good checkpoint (one host sync)."""
+    if not torch.stack([torch.isfinite(p).all() for p in params]).all():
+        raise SystemExit(f"weights are NaN/inf at {samples} samples: not overwriting the last good checkpoint "
+                         f"in {folder} (lower lr or check the data)")
+
+
 def save_checkpoint(obj, folder, samples, keep=2):
     """Write obj as folder/ckpt-<samples>.pt durably, then keep only the newest `keep`.
     On any write error (disk full, quota, I/O) the earlier checkpoints are untouched and the

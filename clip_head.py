@@ -119,6 +119,18 @@ class TextEncoder(nn.Module):
         return self.clip.encode_text(tokens)
 
 
+def caption_targets(tower, text_model=None, side_file='', batch_size=None, device='cpu'):
+    """batch -> what the loss compares a web batch's images with: tokens for a trained text tower
+    (the step encodes them), a side file's embeddings (looked up by sample key), or the frozen
+    tower's embeddings (fixed shapes: the same bits after a resume)."""
+    if text_model is not None:
+        return lambda b: text_model.tokenize(b.text).to(device, non_blocking=True)
+    if side_file:
+        emb, pin = CaptionEmbeddings(side_file), torch.device(device).type == 'cuda'
+        return lambda b: (emb[b.key].pin_memory() if pin else emb[b.key]).to(device, non_blocking=True)
+    return lambda b: tower.encode(b.text, batch_size=batch_size)
+
+
 def text_param_groups(text, weight_decay):
     """Weight decay on the text tower's matrices only: none on norms, biases and embeddings
     (token and position), as CLIP trains it."""
@@ -229,6 +241,22 @@ def zeroshot_weights(tower, classnames=None, templates=None):
     texts = [t.replace('{}', c) for c in classnames for t in templates]
     emb = tower.encode(texts, cache=False).view(len(classnames), len(templates), -1)
     return F.normalize(emb.mean(1), dim=-1)
+
+
+def trained_zeroshot_weights(tower, ema_text, classnames, templates):
+    """A joint CLIP run's zero-shot classifier from its text tower as it is now (its EMA, if kept)."""
+    text = tower if ema_text is None else TextTower(ema_text, tower.tokenizer, tower.name, tower.pretrained,
+                                                    tower.embed_dim, cache_size=0)
+    return zeroshot_weights(text, classnames, templates)
+
+
+def predicted_labels(out, caption_emb=None, class_emb=None):
+    """What the training accuracy counts: in-batch image -> caption retrieval (web data), the
+    zero-shot class (a CLIP tower fine-tuned on labels), else the logits' argmax."""
+    if caption_emb is not None or class_emb is not None:
+        emb = caption_emb if caption_emb is not None else class_emb
+        return (F.normalize(out.float(), dim=-1) @ emb.float().T).argmax(1)  # bf16 under autocast
+    return out.argmax(1)
 
 
 class ZeroShotClassifier(nn.Module):

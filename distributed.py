@@ -6,6 +6,7 @@ import os
 import socket
 import time
 import uuid
+from contextlib import ExitStack
 from datetime import timedelta
 
 import torch
@@ -90,6 +91,16 @@ def round_store(agent_store, rank, world, timeout, probe_s=5.0):
             raise SystemExit(f"rank {rank}: rank 0's store, announced in torchrun's store at {host}, never "
                              f"answered within {timeout.total_seconds():.0f} s (dist_timeout_s)")
         time.sleep(0.2)
+
+
+def no_sync(modules, sync):
+    """DDP's no_sync on each wrapped module (None: none) for an accumulation micro step; nothing
+    when sync (the micro step that all-reduces the gradients)."""
+    stack = ExitStack()
+    for m in modules if not sync else ():
+        if m is not None:
+            stack.enter_context(m.no_sync())
+    return stack
 
 
 def leave_distributed():

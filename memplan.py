@@ -141,6 +141,17 @@ def fitting_eval_batch(line, budget, largest):
     return int(max(1, min(largest, (budget - fixed) // max(per_image, 1))))
 
 
+def final_eval_batch(eval_batch_size, micro, model_args, img_size, eval_dtype, device):
+    """train.py's final evaluation batch per rank: eval_batch_size, else the micro batch, lowered on
+    a GPU to what its free memory holds beside the training state (fp32 PGD needs more than bf16
+    training)."""
+    if eval_batch_size or torch.device(device).type != 'cuda':
+        return eval_batch_size or micro
+    torch.cuda.empty_cache()
+    line = eval_activation_line(model_args, img_size, eval_dtype)
+    return fitting_eval_batch(line, 0.9 * torch.cuda.mem_get_info(device)[0], micro)  # 10%: fragmentation
+
+
 def memory_plan(model_args, micro, img_size, pgd_steps, mask_ratio=0.0, mask_kind='random', dtype='bfloat16',
                 ema=False, text_tower=None, frozen_copy=False, eval_dtype='float32', budget=None, eval_batch=0,
                 train_text=False):

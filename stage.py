@@ -4,6 +4,7 @@ Where a training stage starts, resolved before its first step: this stage's own 
 text side of CLIP stages, the starting weights and FARE's frozen copy. train.py calls these
 functions with its config; the step itself stays in train.py.
 """
+import copy
 import json
 import math
 import os
@@ -11,11 +12,14 @@ import sys
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 
 import data as datalib
+from attack import soft_cross_entropy
 from checkpoint import checkpoint_files, read_checkpoint, remove_temp_files
-from clip_head import (FareLoss, head_from_zeroshot, imagenet_classnames, is_clip_run, text_param_groups,
-                       zeroshot_weights)
+from clip_head import (FareLoss, attack_loss_fn, head_from_zeroshot, imagenet_classnames, is_clip_run,
+                       tecoa_loss_fn, text_param_groups, zeroshot_weights)
+from demo_data import DEMO_ROOT, ensure_demo
 from model import PRESETS, build_model, clean_state_dict, config_from_timm_state_dict, create_model, is_convnext
 from open_clip_interop import (is_open_clip_spec, load_open_clip_image_tower, load_text_tower, open_clip_text_source,
                                open_clip_tower_config)
@@ -189,6 +193,34 @@ def print_dry_run(cfg, model_args, fwd_macs, compute_1e10, resolved_lines):
     print(f"peak_mem_gib={peak:.2f} world={world}")
 
 
+def batch_layout(cfg, world, start, warn=True):
+    """(micro batch per rank, accumulation steps) for the global batch_size on `world` ranks."""
+    batch_size = cfg['batch_size']
+    micro = cfg['micro_batch_size'] or batch_size // world
+    grad_accum = batch_size // (micro * world)
+    if grad_accum * micro * world != batch_size:
+        raise SystemExit(f"batch_size {batch_size} is not a multiple of micro_batch_size {micro} x {world} ranks")
+    if warn and start.resuming and start.src.get('world', world) != world:
+        print(f"warning: resuming with {world} rank(s) where the checkpoint ran {start.src['world']}: the run continues, "
+              f"but no longer bitwise as an uninterrupted one (data order and per-rank randomness change)",
+              file=sys.stderr)
+    return micro, grad_accum
+
+
+def data_paths(cfg, master):
+    """(train, val) data of the stage. The demo's (anything under data_cache/demo) is generated
+    once, by rank 0, while the others wait."""
+    train, val = cfg['train_data'], cfg['val_data']
+    if cfg['data'] == 'demo':
+        train, val = train or f'{DEMO_ROOT}/train', val or f'{DEMO_ROOT}/val'
+    if any(p.startswith(DEMO_ROOT) for p in (train, val)):
+        if master:
+            ensure_demo()
+        if dist.is_initialized():
+            dist.barrier()
+    return train, val
+
+
 def prepare_out_dir(out_dir, overwrite, resumed_samples=None):
     """Rank 0: the folder, no half-written checkpoints, and a log that ends at the checkpoint."""
     os.makedirs(out_dir, exist_ok=True)
@@ -308,6 +340,34 @@ def fare_copy(cfg, start, model, device, dtype):
     else:
         start_new_stage(orig, read_checkpoint(cfg['init_from']))
     return FareLoss(orig, device, dtype)
+
+
+def make_ema(cfg, start, model_args, model, text_clip, device):
+    """The EMA copies of the image tower and of a trained text tower (text_clip), restored when
+    resuming; (None, None) without ema_decay."""
+    if cfg['ema_decay'] <= 0:
+        return None, None
+    src = start.src if start.resuming else {}
+    ema = build_model(model_args).to(device).requires_grad_(False)
+    ema.load_state_dict(src.get('ema') or model.state_dict())
+    ema_text = None
+    if text_clip is not None:
+        ema_text = copy.deepcopy(text_clip).requires_grad_(False)
+        if src.get('text_ema') is not None:
+            ema_text.load_state_dict(src['text_ema'])
+    return ema, ema_text
+
+
+def stage_losses(cfg, contrastive, tecoa_weights, fare):
+    """(training loss, attack loss): the attack maximises the stage's own loss (Eq. 3 for web
+    data; TeCoA's and FARE's as their papers do; soft-target cross-entropy for labels)."""
+    if cfg['data'] == 'webdataset':
+        return contrastive, attack_loss_fn(contrastive)
+    if cfg['loss'] == 'tecoa':
+        return (tecoa_loss_fn(tecoa_weights),) * 2
+    if cfg['loss'] == 'fare':
+        return fare, fare
+    return soft_cross_entropy, soft_cross_entropy
 
 
 def make_optimizer(cfg, model, extra_no_decay=(), text=None, fused=False):

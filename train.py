@@ -10,33 +10,30 @@ $ torchrun --nproc_per_node=8 train.py config/advxl_ft_in1k_vitl.py --init_from=
 Each step: PGD finds adversarial images with input-only gradients on the unwrapped model
 (no weight gradients, no all-reduce), then the model trains on the adversarial images only.
 """
-import copy
 import json
 import math
 import os
 import signal
 import sys
 import time
-from contextlib import ExitStack, nullcontext
-from dataclasses import asdict
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import augment
 import data as datalib
-import decode
-import demo_data
-import webdata
 from attack import TrueFp32, evaluate_pgd, pgd
-from clip_head import ContrastiveLoss, TextEncoder, TextTower, ZeroShotClassifier, attack_loss_fn, tecoa_loss_fn, zeroshot_weights
-from checkpoint import save_checkpoint as write_checkpoint
-from distributed import StopFlag, agree_on_resume, init_distributed, leave_distributed, threads_per_rank
+from batches import TrainBatches
+from checkpoint import refuse_nonfinite, save_checkpoint as write_checkpoint
+from clip_head import (ContrastiveLoss, TextEncoder, ZeroShotClassifier, caption_targets, predicted_labels,
+                       trained_zeroshot_weights)
+from distributed import StopFlag, agree_on_resume, init_distributed, leave_distributed, no_sync, threads_per_rank
+from memplan import final_eval_batch
 from model import build_model
-from stage import (CLIP_LOSSES, check_config, eps_str, fare_copy, find_start, make_optimizer, prepare_out_dir,
-                   print_dry_run, stage_compute, start_weights, text_side, zeroshot_prompts)
+from stage import (CLIP_LOSSES, batch_layout, check_config, data_paths, eps_str, fare_copy, find_start, make_ema,
+                   make_optimizer, prepare_out_dir, print_dry_run, stage_compute, stage_losses, start_weights,
+                   text_side, zeroshot_prompts)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -142,176 +139,72 @@ if dry_run:
                   resolved_config(config, _config_defaults, _config_origin))  # noqa: F821 (configurator)
     sys.exit(0)
 
-# processes, precision, the run folder
+# processes, precision, the run folder, the data
 rank, world, device = init_distributed(device, dist_timeout_s)
 agree_on_resume(start.src['samples_seen'] if start.resuming else None, out_dir)  # each node read its own out_dir
-ddp = dist.is_initialized()
-master = rank == 0
+ddp, master = dist.is_initialized(), rank == 0
 log = print if master else (lambda *a, **k: None)
-micro = micro_batch_size or batch_size // world
-grad_accum = batch_size // (micro * world)
-if grad_accum * micro * world != batch_size:
-    raise SystemExit(f"batch_size {batch_size} is not a multiple of micro_batch_size {micro} x {world} ranks")
-if start.resuming and start.src.get('world', world) != world and master:
-    print(f"warning: resuming with {world} rank(s) where the checkpoint ran {start.src['world']}: the run continues, "
-          f"but no longer bitwise as an uninterrupted one (data order and per-rank randomness change)", file=sys.stderr)
+micro, grad_accum = batch_layout(config, world, start, warn=master)
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
 torch.set_num_threads(threads_per_rank(cpu_threads, num_workers, world))
-torch_dtype = torch.bfloat16 if dtype == 'bfloat16' else torch.float32
 autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == 'bfloat16' else nullcontext()
 eval_autocast = autocast if eval_dtype == 'bfloat16' else TrueFp32()  # the final table's precision
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 if master:
     prepare_out_dir(out_dir, overwrite, start.src['samples_seen'] if start.resuming else None)
-
-# data: the demo (anything under data_cache/demo) is generated once by rank 0, the others wait
-if data == 'demo':
-    train_data, val_data = train_data or f'{demo_data.DEMO_ROOT}/train', val_data or f'{demo_data.DEMO_ROOT}/val'
-if any(p.startswith(demo_data.DEMO_ROOT) for p in (train_data, val_data)):
-    if master:
-        demo_data.ensure_demo()
-    if ddp:
-        dist.barrier()
-web, shards = data == 'webdataset', data == 'shards'  # shards: labelled, the web path's resumable stream
-clip_ft = loss in CLIP_LOSSES
+train_data, val_data = data_paths(config, master)
+web, clip_ft = data == 'webdataset', loss in CLIP_LOSSES
 val_tf = datalib.val_transform(img_size, val_crop_pct, val_interpolation)
 
-# the frozen text tower and zero-shot classifier of CLIP stages (None otherwise); a web stage's
-# image tower ends in the text tower's embedding width
+# the text tower and zero-shot classifier of CLIP stages (None otherwise); a web stage's image
+# tower ends in the text tower's embedding width. Joint CLIP trains the text tower too (text_model,
+# sharing its weights with `tower`, whose zero-shot classifier follows it: refresh_zeroshot)
 tower, zs_weights, tecoa_weights = text_side(config, start, device, val_data)
 if web:
     model_args['embed_out'] = tower.embed_dim
-# joint CLIP: the text tower trains too; it shares its weights with `tower`, whose zero-shot
-# classifier is rebuilt from them before every evaluation and checkpoint
 text_model = TextEncoder(tower).to(device) if train_text_tower else None
 
-# model, optimizer, state
+# model, optimizer, training state
 torch.manual_seed(seed)
 raw_model = build_model(model_args)
 samples_seen, compute_prev, samples_prev = start_weights(raw_model, config, start, zs_weights, val_data, val_tf, log)
 if not web:  # a labelled stage needed the text tower for its head only
     tower = None
 raw_model.to(device)
-fare = fare_copy(config, start, raw_model, device, torch_dtype) if loss == 'fare' else None
+fare = fare_copy(config, start, raw_model, device, torch.bfloat16 if dtype == 'bfloat16' else torch.float32) \
+    if loss == 'fare' else None
 contrastive = ContrastiveLoss(logit_scale_init).to(device) if web else None
 opt = make_optimizer(config, raw_model, contrastive.parameters() if web else (), text_model, fused=device_type == 'cuda')
-ema = ema_text = None
-if ema_decay > 0:
-    ema = build_model(model_args).to(device).requires_grad_(False)
-    ema.load_state_dict(start.src['ema'] if start.resuming and start.src.get('ema') else raw_model.state_dict())
-    if text_model is not None:
-        ema_text = copy.deepcopy(tower.clip).requires_grad_(False)
-        if start.resuming and start.src.get('text_ema') is not None:
-            ema_text.load_state_dict(start.src['text_ema'])
-# the weights the EMA follows, as two lists (one fused lerp per step)
-ema_pairs = [] if ema is None else list(zip(ema.parameters(), raw_model.parameters())) + \
-    ([] if ema_text is None else [(e, p) for e, p in zip(ema_text.parameters(), tower.clip.parameters()) if p.requires_grad])
-data_state = None
+ema, ema_text = make_ema(config, start, model_args, raw_model, tower.clip if text_model else None, device)
 if start.resuming:
     opt.load_state_dict(start.src['optimizer'])
     if web:
         contrastive.load_state_dict(start.src['contrastive'])
-    data_state = start.src.get('data_state')
     log(f"resumed {out_dir} at {samples_seen} samples")
+batches = TrainBatches(config, train_data, micro, rank, world, device, samples_seen,
+                       start.src.get('data_state') if start.resuming else None, fare=fare,
+                       caption_targets=caption_targets(tower, text_model, caption_embeddings, micro, device) if web else None)
+val_loader = datalib.val_loader(val_data, val_tf, micro, eval_samples, rank, world, num_workers)
 start.src = None  # free the checkpoint (memory-mapped: its pages go with it)
 if device_type == 'cuda':
     torch.cuda.empty_cache()
 
 fast_model = torch.compile(raw_model) if compile else raw_model  # attacks and training use this one
 # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets (no second copy)
-train_model = DDP(fast_model, device_ids=[device] if device_type == 'cuda' else None,
-                  gradient_as_bucket_view=True) if ddp else fast_model
-train_text = None if text_model is None else DDP(text_model, device_ids=[device] if device_type == 'cuda' else None,
-                                                 gradient_as_bucket_view=True) if ddp else text_model
-
-aug = dict(scale=tuple(crop_scale), hflip=0.5 * hflip, auto_augment=auto_augment, interpolation=train_interpolation)
-if web or shards:
-    train_loader = webdata.web_loader(train_data, img_size, micro, rank, world, seed, num_workers, state=data_state,
-                                      shuffle_buffer=shuffle_buffer, labelled=shards, uint8=True,
-                                      pin_memory=device_type == 'cuda', **aug)
-if web:
-    captions = None
-    if caption_embeddings:
-        from clip_head import CaptionEmbeddings
-        captions = CaptionEmbeddings(caption_embeddings)
-elif not shards:
-    train_tf = decode.train_transform(img_size, tuple(crop_scale), hflip, auto_augment, train_interpolation)
-    train_loader = datalib.image_folder_loader(train_data, train_tf, micro, rank, world, seed,
-                                               start=samples_seen // world, num_workers=num_workers)
-val_loader = datalib.val_loader(val_data, val_tf, micro, eval_samples, rank, world, num_workers)
-train_iter = iter(train_loader)
+wrap = lambda m: DDP(m, device_ids=[device] if device_type == 'cuda' else None, gradient_as_bucket_view=True)
+train_model = wrap(fast_model) if ddp else fast_model
+train_text = wrap(text_model) if ddp and text_model is not None else text_model
+train_loss, attack_loss = stage_losses(config, contrastive, tecoa_weights, fare)
+trained_params = list(raw_model.parameters()) + ([] if text_model is None else
+                                                 [p for p in text_model.parameters() if p.requires_grad])
+ema_pairs = [] if ema is None else list(zip(ema.parameters(), raw_model.parameters())) + \
+    ([] if ema_text is None else [(e, p) for e, p in zip(ema_text.parameters(), tower.clip.parameters()) if p.requires_grad])
+eval_model = ema if ema is not None else raw_model
+if web or clip_ft:  # a CLIP tower is evaluated as a zero-shot classifier of the labelled val set
+    eval_model = ZeroShotClassifier(eval_model, zs_weights)
 stage = os.path.basename(out_dir)
 step = samples_seen // batch_size  # optimizer steps taken, over the whole stage (the loop counts on)
 start_step = step
-
-
-def loss_fn(logits, targets):
-    return F.cross_entropy(logits.float(), targets)
-
-
-# the attack maximises the stage's own loss (Eq. 3 for web data; TeCoA's and FARE's as their papers do)
-if web:
-    train_loss, attack_loss = contrastive, attack_loss_fn(contrastive)
-elif loss == 'tecoa':
-    train_loss = attack_loss = tecoa_loss_fn(tecoa_weights)
-elif loss == 'fare':
-    train_loss = attack_loss = fare
-else:
-    train_loss = attack_loss = loss_fn
-
-
-def to_device(t):
-    return augment.to_device(t, device)
-
-
-def next_batch(step, micro_step):
-    """(images, targets for the loss, labels for the accuracy, unreadable images skipped)."""
-    if web:  # targets: the captions' fixed text embeddings; accuracy: in-batch image->text retrieval
-        b = next(train_iter)
-        x = to_device(b.image)
-        if text_model is not None:  # joint CLIP: tokens, which the step encodes with the trained tower
-            txt = to_device(text_model.tokenize(b.text))
-        elif captions is not None:
-            emb = captions[b.key]
-            txt = to_device(emb.pin_memory() if device_type == 'cuda' else emb)
-        else:
-            txt = tower.encode(b.text, batch_size=micro)  # fixed shapes: the same bits after a resume
-        return x, txt, torch.arange(len(x), device=device), sum(train_loader.skipped_last.values())
-    if shards:
-        b = next(train_iter)
-        x, y, n_bad = b.image, b.label, sum(train_loader.skipped_last.values())
-    else:
-        x, y, n_bad = next(train_iter)
-    x, y = to_device(x), to_device(y)
-    s = (seed * 1_000_003 + step * 1009 + rank) * 64 + micro_step  # the device augmentation's draws: exact resume
-    x = augment.random_erase(x, reprob, seed=s)
-    x, targets = augment.mix_batch(x, augment.soft_targets(y, num_classes, label_smoothing), mixup, cutmix, seed=s)
-    if fare is not None:  # FARE's target: the original tower's embedding of the clean image
-        targets = fare.targets(x)
-    return x, targets, y, n_bad
-
-
-def predictions(out, targets):
-    if web:  # in-batch image -> caption retrieval
-        return (F.normalize(out.float(), dim=-1) @ targets.T).argmax(1)
-    return (F.normalize(out.float(), dim=-1) @ zs_weights.T).argmax(1) if clip_ft else out.argmax(1)
-
-
-def final_eval_batch():
-    """The final evaluation's batch per rank: eval_batch_size, else the micro batch, lowered on a GPU
-    to what its free memory holds beside the training state (fp32 PGD needs more than bf16 training)."""
-    if eval_batch_size or device_type != 'cuda':
-        return eval_batch_size or micro
-    import memplan
-    torch.cuda.empty_cache()
-    line = memplan.eval_activation_line(model_args, img_size, eval_dtype)
-    return memplan.fitting_eval_batch(line, 0.9 * torch.cuda.mem_get_info(device)[0], micro)  # 10%: fragmentation
-
-
-def crossed(every, seen):
-    """Whether the step that brought the run to `seen` samples crossed a multiple of `every`."""
-    return every > 0 and seen // every > (seen - batch_size) // every
 
 
 def lr_at(s):
@@ -321,45 +214,34 @@ def lr_at(s):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def save_checkpoint():
-    states = None
-    if web or shards:  # every rank's stream position, so each can resume exactly
-        states = [None] * world
-        dist.all_gather_object(states, train_loader.state_dict()) if ddp else states.__setitem__(0, train_loader.state_dict())
-        states = webdata.merge_states(states)
-    refresh_zeroshot()  # (every rank: an evaluation may follow)
-    if not master:
-        return
-    if not torch.stack([torch.isfinite(p).all() for p in trained_params]).all():  # one host sync
-        raise SystemExit(f"weights are NaN/inf at {samples_seen} samples: not overwriting the last good checkpoint "
-                         f"in {out_dir} (lower lr or check the data)")
-    ckpt = {'model': raw_model.state_dict(), 'model_args': model_args, 'optimizer': opt.state_dict(),
-            'ema': ema.state_dict() if ema is not None else None, 'samples_seen': samples_seen,
-            'compute': fwd_macs * samples_seen / 1e19, 'compute_prev': compute_prev, 'samples_prev': samples_prev,
-            'stage': os.path.basename(out_dir), 'config': config, 'data_state': states, 'world': world,
-            'contrastive': contrastive.state_dict() if web else None,
-            'text_model': tower.clip.state_dict() if text_model is not None else None,  # joint CLIP's text tower
-            'text_ema': ema_text.state_dict() if ema_text is not None else None,
-            'zeroshot_weights': zs_weights.float().cpu() if zs_weights is not None else None}  # eval's classifier
-    write_checkpoint(ckpt, out_dir, samples_seen, keep_ckpts)
-
-
-def no_sync(sync):
-    """DDP's no_sync on every trained module for an accumulation micro step; nothing when sync."""
-    stack = ExitStack()
-    for m in (train_model, train_text) if not sync else ():
-        if m is not None:
-            stack.enter_context(m.no_sync())
-    return stack
+def crossed(every, seen):
+    """Whether the step that brought the run to `seen` samples crossed a multiple of `every`."""
+    return every > 0 and seen // every > (seen - batch_size) // every
 
 
 def refresh_zeroshot():
-    """Joint CLIP: the zero-shot classifier from the text tower as it is now (its EMA, if kept)."""
+    """Joint CLIP: the zero-shot classifier from the text tower as it is now."""
     if text_model is not None:
-        text = tower if ema_text is None else TextTower(ema_text, tower.tokenizer, tower.name, tower.pretrained,
-                                                        tower.embed_dim, cache_size=0)
-        zs_weights.copy_(zeroshot_weights(text, *zeroshot_prompts(config, val_data)))
+        zs_weights.copy_(trained_zeroshot_weights(tower, ema_text, *zeroshot_prompts(config, val_data)))
         eval_model.weights.copy_(zs_weights)
+
+
+def save_checkpoint():
+    data_state = batches.state(world)  # (every rank: a collective)
+    refresh_zeroshot()
+    if not master:
+        return
+    refuse_nonfinite(trained_params, samples_seen, out_dir)
+    write_checkpoint({
+        'model': raw_model.state_dict(), 'model_args': model_args, 'optimizer': opt.state_dict(),
+        'ema': ema.state_dict() if ema is not None else None, 'samples_seen': samples_seen,
+        'compute': fwd_macs * samples_seen / 1e19, 'compute_prev': compute_prev, 'samples_prev': samples_prev,
+        'stage': stage, 'config': config, 'data_state': data_state, 'world': world,
+        'contrastive': contrastive.state_dict() if web else None,
+        'text_model': tower.clip.state_dict() if text_model is not None else None,  # joint CLIP's text tower
+        'text_ema': ema_text.state_dict() if ema_text is not None else None,
+        'zeroshot_weights': zs_weights.float().cpu() if zs_weights is not None else None},  # eval's classifier
+        out_dir, samples_seen, keep_ckpts)
 
 
 def progress():
@@ -382,20 +264,13 @@ sigterm_step = None  # the step during which SIGTERM arrived
 
 def on_sigterm(signum, frame):
     global sigterm_step
-    if sigterm_step is None:
-        sigterm_step = step
+    sigterm_step = step if sigterm_step is None else sigterm_step
 
 
 signal.signal(signal.SIGTERM, on_sigterm)
 if wandb_log and master:
     import wandb
-    wandb.init(project=wandb_project, name=os.path.basename(out_dir), config=config)
-
-trained_params = list(raw_model.parameters()) + ([] if text_model is None else
-                                                 [p for p in text_model.parameters() if p.requires_grad])
-eval_model = ema if ema is not None else raw_model
-if web or clip_ft:  # a CLIP tower is evaluated as a zero-shot classifier of the labelled val set
-    eval_model = ZeroShotClassifier(eval_model, zs_weights)
+    wandb.init(project=wandb_project, name=stage, config=config)
 log(f"stage {stage}: {raw_model.describe()}, {samples} samples at {img_size}px, PGD-{pgd_steps}, "
     f"batch {batch_size} = {world} rank(s) x {micro} x {grad_accum} accumulation, {device} {dtype}")
 
@@ -415,10 +290,10 @@ while samples_seen < samples:
     for group in opt.param_groups:
         group['lr'] = lr_at(samples_seen)
     for micro_step in range(grad_accum):
-        x, targets, y, n_bad = next_batch(step, micro_step)
+        x, targets, y, n_bad = batches(step, micro_step)
         bad_images += n_bad
         sync = not ddp or micro_step == grad_accum - 1  # all-reduce gradients once per optimizer step
-        with autocast, no_sync(sync):
+        with autocast, no_sync((train_model, train_text), sync):
             if train_text is not None:  # joint CLIP: the captions' embeddings, once; the attack holds them fixed
                 targets = train_text(targets)
             x_adv = pgd(fast_model, x, targets.detach(), attack_loss, eps_now, step_now, pgd_steps, norm,
@@ -427,7 +302,8 @@ while samples_seen < samples:
             micro_loss = train_loss(logits, targets) / grad_accum
             micro_loss.backward()
         acc_loss += micro_loss.detach()
-        acc_correct += (predictions(logits.detach(), targets.detach()) == y).sum()
+        acc_correct += (predicted_labels(logits.detach(), targets.detach() if web else None,
+                                         zs_weights if clip_ft else None) == y).sum()
     first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(acc_loss), step, first_bad_step)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(trained_params, grad_clip)
@@ -497,8 +373,8 @@ if step > start_step:  # (a finished stage run again only redoes its final evalu
     save_checkpoint()
 train_s = time.time() - t_start
 refresh_zeroshot()
-final_loader = datalib.val_loader(val_data, val_tf, final_eval_batch(), final_eval_samples or None, rank, world,
-                                  num_workers)
+eval_batch = final_eval_batch(eval_batch_size, micro, model_args, img_size, eval_dtype, device)
+final_loader = datalib.val_loader(val_data, val_tf, eval_batch, final_eval_samples or None, rank, world, num_workers)
 clean, robust, n_eval = evaluate_pgd(eval_model, final_loader, eval_eps or eps, eval_pgd_steps, eval_step_size,
                                      norm, autocast=eval_autocast)
 results = {'clean_acc': clean, 'pgd20_acc': robust, 'eps': eval_eps or eps, 'samples': samples_seen,

@@ -409,3 +409,15 @@ def test_retrieval_recall_counts_the_caption_and_falls_under_attack(tower):
     torch.manual_seed(0)
     attacked = ch.retrieval_recall_at_1(perfect, tower, x, captions, eps=0.004, steps=10, step_size=0.001)
     assert attacked <= 50.0
+
+
+def test_training_accuracy_labels_under_bf16_autocast():
+    """The training accuracy's labels from fp32 image features against bf16 caption or class
+    embeddings (a trained text tower under autocast): the same labels as in fp32."""
+    torch.manual_seed(0)
+    out, emb = torch.randn(8, 16), torch.randn(8, 16)
+    want = (F.normalize(out, dim=-1) @ F.normalize(emb, dim=-1).T).argmax(1)
+    half = F.normalize(emb, dim=-1).bfloat16()
+    assert torch.equal(ch.predicted_labels(out, caption_emb=half), want)
+    assert torch.equal(ch.predicted_labels(out, class_emb=half), want)
+    assert torch.equal(ch.predicted_labels(out), out.argmax(1))
