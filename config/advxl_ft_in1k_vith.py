@@ -6,6 +6,6 @@ init_from = 'out/advxl_vith_in1k'
 model = 'vit_huge_patch14'
 lr = 1e-3 * batch_size / 256      # MAE FINETUNE.md: base lr 1e-3 for ViT-H
 drop_path_rate = 0.3              # MAE FINETUNE.md: 0.3 for ViT-H
-micro_batch_size = 128            # fits 80 GB without checkpointing (README: Memory per GPU)
+micro_batch_size = 128            # fits 80 GB without checkpointing (docs/memory.md)
 grad_ckpt = False
 num_workers = 2                   # loader workers per GPU (the base says how)

@@ -6,6 +6,6 @@ init_from = 'out/advxl_vitl_in1k'
 model = 'vit_large_patch16'
 lr = 1e-3 * batch_size / 256      # MAE FINETUNE.md: base lr 1e-3 for ViT-L
 drop_path_rate = 0.2              # MAE FINETUNE.md: 0.2 for ViT-L
-micro_batch_size = 128            # fits 80 GB without checkpointing (README: Memory per GPU)
+micro_batch_size = 128            # fits 80 GB without checkpointing (docs/memory.md)
 grad_ckpt = False
 num_workers = 2                   # loader workers per GPU (the base says how)

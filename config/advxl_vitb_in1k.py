@@ -6,6 +6,6 @@ extends('base_imagenet_pretrain.py')
 out_dir = 'out/advxl_vitb_in1k'
 model = 'vit_base_patch16'
 drop_path_rate = 0.1              # MAE: 0.1 for ViT-B, 0.2 for ViT-L/H
-micro_batch_size = 512            # no accumulation at batch 4096 (README: Memory per GPU)
+micro_batch_size = 512            # no accumulation at batch 4096 (docs/memory.md)
 grad_ckpt = False
 num_workers = 13                  # loader workers per GPU (the base says how)

@@ -9,5 +9,5 @@ drop_path_rate = 0.2              # MAE: 0.2 for ViT-L/H
 pgd_steps = 2                     # paper Table 2: PGD-2 in pre-training for ViT-H
 pgd_step_size = 3 / 255           # paper Table 1b: step 3/255 with 2 steps
 micro_batch_size = 512
-grad_ckpt = False                 # micro 512 fits 80 GB without it (README: Memory per GPU)
+grad_ckpt = False                 # micro 512 fits 80 GB without it (docs/memory.md)
 num_workers = 2                   # loader workers per GPU (the base says how)
