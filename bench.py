@@ -12,6 +12,8 @@ Rows:
              would otherwise assemble (timm's ViT of the same shape + torchattacks' PGD, eager)
   fast_path  what each optimisation of our step buys (A/B in one process)
   loader     the data loaders alone, images/s per worker = per core (so the GPU never waits on them)
+  demo       the README's two demo commands as a user runs them: seconds and accuracy against the
+             targets (5 minutes on 2 cores, 78% clean / 50% PGD-20), and against a baseline
   two_stage  the paper's claim at toy scale: the two-stage demo vs one full-resolution PGD-3
              stage over the same samples (train.py end to end): time ratio, accuracy of both
   autoattack eval_autoattack.py vs the official code (pyautoattack 0.2.0), same model/points
@@ -430,6 +432,41 @@ def bench_two_stage(quick):
     return r
 
 
+DEMO_TARGETS = dict(seconds=300, clean=78.0, pgd20=50.0)  # both stages on 2 cores; stage 2 on 500 val images
+
+
+def bench_demo(quick):
+    """The README's first command as a user runs it, nothing overridden but out_dir: `python train.py`
+    then `python train.py config/demo_ft.py`. Each stage's process seconds (start-up, training and
+    its evaluations) and stage 2's clean / PGD-20 on 500 val images, against DEMO_TARGETS. The
+    baseline, in the same run (full runs only): the same stages with one loader worker (so one
+    core computes) and stage 2's PGD-20 evaluations every 2000 samples. --quick: 1/32 of the
+    budget, no baseline (the accuracies of so short a run mean little)."""
+    f = 32 if quick else 1
+    scale = lambda *keys_vals: [f'--{k}={int(v / f)}' for k, v in keys_vals] if quick else []
+    pre_scale = scale(('samples', 64000), ('warmup_samples', 3000), ('eps_warmup', 16000), ('eval_every', 16000))
+    ft_scale = scale(('samples', 8000), ('warmup_samples', 800))
+    variants = {'demo': ([], [])}
+    if not quick:
+        variants['baseline'] = (['--num_workers=1'], ['--num_workers=1', '--eval_every=2000'])
+    r = dict(budget_fraction=1 / f, targets=DEMO_TARGETS)
+    for name, (pre_args, ft_args) in variants.items():
+        pre = run_stage(pre_scale + pre_args, f'out/bench_demo_{name}_pre')
+        ft = run_stage(['config/demo_ft.py', f'--init_from=out/bench_demo_{name}_pre'] + ft_scale + ft_args,
+                       f'out/bench_demo_{name}_ft')
+        r[name] = dict(stage1_s=pre['process_s'], stage2_s=ft['process_s'], total_s=pre['process_s'] + ft['process_s'],
+                       train_s=pre['train_s'] + ft['train_s'], stage1_clean=pre['clean_acc'],
+                       stage1_pgd20=pre['pgd20_acc'], clean=ft['clean_acc'], pgd20=ft['pgd20_acc'],
+                       eval_images=ft['eval_images'])
+        print(f"  demo {name}: {r[name]['total_s']:.0f} s, {r[name]['clean']:.1f} / {r[name]['pgd20']:.1f}", flush=True)
+    d = r['demo']
+    r['meets_targets'] = not quick and d['total_s'] <= DEMO_TARGETS['seconds'] and \
+        d['clean'] >= DEMO_TARGETS['clean'] and d['pgd20'] >= DEMO_TARGETS['pgd20']
+    if 'baseline' in r:
+        r['speedup_vs_baseline'] = r['baseline']['total_s'] / d['total_s']
+    return r
+
+
 def val_caption_pairs(img_size, n):
     """The first n (image, caption) pairs of the demo's val shard, images as val_transform makes them."""
     import io
@@ -644,7 +681,7 @@ def main():
     ap.add_argument('--out', default='bench.json')
     args = ap.parse_args()
     rows = args.rows.split(',') if args.rows else \
-        ['train', 'loader', 'two_stage', 'autoattack', 'cuda'] + ([] if args.quick else ['fast_path', 'joint_clip'])
+        ['train', 'loader', 'demo', 'two_stage', 'autoattack', 'cuda'] + ([] if args.quick else ['fast_path', 'joint_clip'])
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     cpu = torch.device('cpu')
     info = dict(date=time.strftime('%Y-%m-%d'), quick=args.quick, torch=torch.__version__, pillow=pillow_build(),
@@ -662,6 +699,9 @@ def main():
         res['loader_speedup_112'] = res['loader']['speedup_112']  # new ImageFolder pipeline / full decode, same aug
         res['loader_img_s_per_core_112_shards'] = res['loader']['new_shards_112px_img_s_per_core']
         res['loader_speedup_112_bound'] = res['loader']['speedup_bound_112']  # the most any JPEG decoder could give
+    if 'demo' in rows:
+        res['demo'] = bench_demo(args.quick)
+        res['demo_total_s'] = res['demo']['demo']['total_s']
     if 'two_stage' in rows:
         res['two_stage'] = bench_two_stage(args.quick)
         res['two_stage_time_ratio'] = res['two_stage']['two_stage_time_ratio']
@@ -718,6 +758,18 @@ def print_tables(res):
             f"{k} {L[f'ms_{k}_112px']:.3f}" for k in ('full_decode_mae_float32', 'new', 'new_whole_file', 'decode_full',
                                                        'decode_eighth', 'rand_augment'))
               + f"; loader_speedup_112_bound = {L['speedup_bound_112']:.2f}")
+    if 'demo' in res:
+        d, T = res['demo'], res['demo']['targets']
+        print(f"\n| the demo's two commands, {d['budget_fraction']:g} of the budget | stage 1 s | stage 2 s | total s | "
+              f"clean | PGD-20 |\n|---|---|---|---|---|---|")
+        for name in ('demo', 'baseline'):
+            if name in d:
+                r = d[name]
+                print(f"| {name} | {r['stage1_s']:.0f} | {r['stage2_s']:.0f} | {r['total_s']:.0f} | {r['clean']:.1f} | "
+                      f"{r['pgd20']:.1f} |")
+        print(f"\ntargets: at most {T['seconds']} s, at least {T['clean']:g}% clean and {T['pgd20']:g}% PGD-20 on "
+              f"{d['demo']['eval_images']} val images: {'met' if d['meets_targets'] else 'not met'}"
+              + (f"; speed-up vs baseline {d['speedup_vs_baseline']:.2f}x" if 'speedup_vs_baseline' in d else ''))
     if 'two_stage' in res:
         t = res['two_stage']
         print(f"\n| demo, {t['budget_fraction']:g} of the budget | training s | clean | PGD-20 |\n|---|---|---|---|")

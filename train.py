@@ -52,7 +52,8 @@ wandb_project = 'nanoadvxl'
 data = 'demo'              # 'demo' | 'imagefolder' | 'shards' (labelled .jpg + .cls, make_shards.py) | 'webdataset'
 train_data = ''            # ImageFolder train root, or a shard pattern for shards / webdataset
 val_data = ''              # ImageFolder val root (labelled)
-num_workers = 1            # DataLoader workers per rank (the demo decodes ~1000 img/s on one)
+num_workers = 0            # DataLoader workers per rank; 0 = decode in the training process (the demo's small
+                           # images cost less there than the core a worker takes from compute: docs/demo.md)
 crop_scale = (1.0, 1.0)    # RandomResizedCrop scale range; (1, 1) = resize the whole image
 hflip = True
 auto_augment = ''          # timm RandAugment string, e.g. MAE's 'rand-m9-mstd0.5-inc1'; '' = off
