@@ -6,6 +6,7 @@ import sys
 import pytest
 
 import configurator
+from conftest import MAE_AA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,3 +114,25 @@ def test_project_configs_extend_at_most_one_base():
             assert len(calls) == 1 and calls[0] is tree.body[0].value and calls[0].func.id == 'extends', name
             bases.add(calls[0].args[0].value)
     assert bases == {n for n in os.listdir(folder) if n.startswith('base_')}  # every base is used
+
+
+def test_configs_follow_their_recipes():
+    """Each paper config's augmentation is its cited recipe's, value by value (MAE Table 11 for
+    ImageNet pre-training, MAE fine-tuning (Table 9 / main_finetune.py) for config/advxl_ft_in1k.py)."""
+    def load(name):
+        return configurator.read_config(os.path.join(ROOT, 'config', f'{name}.py'))
+    names = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, 'config')) if f.startswith('advxl_'))
+    seen = set()
+    for name in names:
+        c = load(name)
+        if c['data'] == 'webdataset':  # CLIPA's recipe: no RandAugment, MixUp, CutMix or erasing
+            assert c['auto_augment'] == '' and c['mixup'] == c['cutmix'] == c['reprob'] == 0.0, name
+            seen.add('web')
+            continue
+        assert c['auto_augment'] == MAE_AA and c['mixup'] == 0.8 and c['cutmix'] == 1.0, name
+        assert c['label_smoothing'] == 0.1 and tuple(c['crop_scale']) == (0.08, 1.0) and c.get('hflip', True), name
+        assert c['reprob'] == (0.25 if '_ft' in name else 0.0), name  # MAE fine-tuning / Table 11
+        assert c['val_crop_pct'] == 0.9 and c['val_interpolation'] == 'bicubic', name  # the official evaluation
+        assert c['train_interpolation'] == 'bilinear' and c['num_workers'] >= 1, name  # the paper's resize
+        seen.add('ft' if '_ft' in name else 'pre')
+    assert seen == {'web', 'ft', 'pre'}
