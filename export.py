@@ -132,10 +132,7 @@ def timm_export(ckpt):
         config['label_names'] = run_label_names(cfg, n_out)  # timm's model card and predictions name the classes
     with torch.device('meta'):  # the folder must build in timm: check the layout before writing it
         check = timm.create_model(arch, pretrained=False, **args)
-    try:
-        check.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"the export does not fit timm's {arch}: {' '.join(str(e).split())[:300]}")
+    open_clip_interop.check_export_fits(check, sd, f"timm's {arch}")
     return files
 
 

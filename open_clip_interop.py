@@ -578,6 +578,15 @@ def save_tokenizer(name, folder):
     tokenizer.save_pretrained(folder)
 
 
+def check_export_fits(model, sd, what):
+    """Load an exported state dict into a (meta) model of the library it targets, strictly: a
+    missing, extra or misshapen key stops the export in one line before anything is written."""
+    try:
+        model.load_state_dict(sd, strict=True, assign=True)
+    except RuntimeError as e:
+        raise ValueError(f"the export does not fit {what}: {' '.join(str(e).split())[:300]}")
+
+
 def open_clip_export(net, text_name, text_state_dict, quick_gelu, logit_scale, preprocess_cfg):
     """(open_clip_config.json's content without extras, the model's full state dict) of a CLIP model whose
     image tower is our `net` and whose text tower is open_clip model `text_name`'s, with log(1/temperature)
@@ -605,10 +614,7 @@ def open_clip_export(net, text_name, text_state_dict, quick_gelu, logit_scale, p
                                    pretrained_image=False, vision_cfg=vision_cfg, quick_gelu=quick_gelu)
     finally:
         logging.disable(logging.NOTSET)
-    try:
-        clip.load_state_dict(sd, strict=True, assign=True)
-    except RuntimeError as e:
-        raise ValueError(f"the export does not fit open_clip's model: {' '.join(str(e).split())[:300]}")
+    check_export_fits(clip, sd, "open_clip's model")
     return {'model_cfg': model_cfg, 'preprocess_cfg': dict(preprocess_cfg)}, sd
 
 
