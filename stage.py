@@ -1,8 +1,9 @@
 """
 Where a training stage starts, resolved before its first step: this stage's own checkpoint
 (resume) or another run's (init_from), the architecture and compute, the dry run's plan, the
-text side of CLIP stages, the starting weights and FARE's frozen copy. train.py calls these
-functions with its config; the step itself stays in train.py.
+batch layout and data paths, the text side of CLIP stages, the starting weights, FARE's frozen
+copy, the optimizer, the EMA copies and the losses. train.py calls these functions with its
+config; the step itself stays in train.py.
 """
 import copy
 import json
