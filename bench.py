@@ -49,7 +49,7 @@ import demo_data
 import eval_autoattack as ea
 import memplan
 import webdata
-from attack import pgd
+from attack import pgd, soft_cross_entropy
 from model import IMAGENET_MEAN, IMAGENET_STD, PRESETS, create_model
 
 EPS = 4 / 255  # the paper's training eps; the step sizes below follow its recipe
@@ -79,10 +79,6 @@ def attack_step_size(steps):
     return EPS if steps == 1 else 2.5 * EPS / steps  # the paper's PGD-1 step = eps; 2.5 eps / k for PGD-k
 
 
-def soft_ce(logits, targets):
-    return F.cross_entropy(logits.float(), targets)
-
-
 def ours_step(name, img_size, steps, batch, device, compiled=False, dtype=None, grad_ckpt=False, freeze_weights=True):
     """train.py's step: PGD on the unwrapped model (input-only gradients), then forward,
     backward, clip, AdamW on the adversarial images."""
@@ -98,8 +94,8 @@ def ours_step(name, img_size, steps, batch, device, compiled=False, dtype=None, 
 
     def step():
         with autocast:
-            x_adv = pgd(fast, x, targets, soft_ce, EPS, step_size, steps, 'Linf', True, freeze_weights)
-            loss = soft_ce(fast(x_adv), targets)
+            x_adv = pgd(fast, x, targets, soft_cross_entropy, EPS, step_size, steps, 'Linf', True, freeze_weights)
+            loss = soft_cross_entropy(fast(x_adv), targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -250,13 +250,13 @@ def trained_zeroshot_weights(tower, ema_text, classnames, templates):
     return zeroshot_weights(text, classnames, templates)
 
 
-def predicted_labels(out, caption_emb=None, class_emb=None):
-    """What the training accuracy counts: in-batch image -> caption retrieval (web data), the
-    zero-shot class (a CLIP tower fine-tuned on labels), else the logits' argmax."""
-    if caption_emb is not None or class_emb is not None:
-        emb = caption_emb if caption_emb is not None else class_emb
-        return (F.normalize(out.float(), dim=-1) @ emb.float().T).argmax(1)  # bf16 under autocast
-    return out.argmax(1)
+def predicted_labels(out, emb=None):
+    """What the training accuracy counts: the nearest row of emb (the batch's caption embeddings:
+    in-batch retrieval; the zero-shot class embeddings: a CLIP tower fine-tuned on labels), else
+    the logits' argmax."""
+    if emb is None:
+        return out.argmax(1)
+    return (F.normalize(out.float(), dim=-1) @ emb.float().T).argmax(1)  # emb is bf16 under autocast
 
 
 class ZeroShotClassifier(nn.Module):

@@ -303,8 +303,8 @@ while samples_seen < samples:
             micro_loss = train_loss(logits, targets) / grad_accum
             micro_loss.backward()
         acc_loss += micro_loss.detach()
-        acc_correct += (predicted_labels(logits.detach(), targets.detach() if web else None,
-                                         zs_weights if clip_ft else None) == y).sum()
+        acc_correct += (predicted_labels(logits.detach(), targets.detach() if web else zs_weights if clip_ft else None)
+                        == y).sum()
     first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(acc_loss), step, first_bad_step)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(trained_params, grad_clip)
