@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import tarfile
+import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -197,11 +198,12 @@ def ensure_demo(root=DEMO_ROOT, n_train=12000, n_val=1000, seed=0, shard_size=10
     """Generate the demo dataset once: an ImageFolder tree (train/, val/ of PNGs) and
     webdataset shards (shards/{train,val}-NNNN.tar with .jpg, .txt, .cls). Returns root."""
     stamp = f'demo v{DEMO_VERSION}: {n_train} train, {n_val} val, seed {seed}\n'
-    done = os.path.join(root, 'DONE')
-    if os.path.exists(done) and open(done).read() == stamp:
+    if _finished(root, stamp):
         return root
-    tmp = root + '.tmp'
-    shutil.rmtree(tmp, ignore_errors=True)
+    # a folder of this process's own: two runs started at once on a fresh clone each build a
+    # whole copy, and the first to finish is the one kept
+    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + '.tmp', dir=os.path.dirname(os.path.abspath(root)))
     for split, n, split_seed in (('train', n_train, seed), ('val', n_val, seed + 1)):
         images, labels, captions = make_split(n, split_seed)
         for name in DEMO_CLASSES:
@@ -221,6 +223,17 @@ def ensure_demo(root=DEMO_ROOT, n_train=12000, n_val=1000, seed=0, shard_size=10
                         info.size = len(payload)
                         tar.addfile(info, io.BytesIO(payload))
     open(os.path.join(tmp, 'DONE'), 'w').write(stamp)
-    shutil.rmtree(root, ignore_errors=True)
-    os.rename(tmp, root)  # atomic: a half-written cache is never mistaken for a finished one
+    if not _finished(root, stamp):  # no other process finished first: replace the stale or missing cache
+        shutil.rmtree(root, ignore_errors=True)
+        try:
+            os.rename(tmp, root)  # atomic: a half-written cache is never mistaken for a finished one
+        except OSError:  # another process renamed its copy in between
+            if not _finished(root, stamp):
+                raise
+    shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def _finished(root, stamp):
+    done = os.path.join(root, 'DONE')
+    return os.path.exists(done) and open(done).read() == stamp

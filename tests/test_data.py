@@ -1,7 +1,8 @@
 """Tests of data.py and demo_data.py: SampleStream splits global batches across ranks and
 resumes exactly, the ImageFolder loader gives uint8 batches, resumes bitwise and counts unreadable
 files, data workers survive SIGTERM and still let the process exit, and the demo generator makes a
-deterministic, balanced, captioned split cached as an ImageFolder and readable shards. The slow
+deterministic, balanced, captioned split cached as an ImageFolder and readable shards, whole
+even when two processes build it at once. The slow
 test trains the README's demo end to end through train.py and checks its target accuracies."""
 import json
 import os
@@ -53,6 +54,19 @@ def test_demo_cache_has_imagefolder_and_readable_shards(tmp_path):
     mtime = os.path.getmtime(os.path.join(root, 'DONE'))
     demo_data.ensure_demo(str(tmp_path / 'demo'), n_train=40, n_val=20, shard_size=16)  # cached: not rebuilt
     assert os.path.getmtime(os.path.join(root, 'DONE')) == mtime
+
+
+def test_demo_cache_built_by_two_processes_at_once(tmp_path):
+    """Two runs started together on a fresh clone both build the cache: the one left is whole."""
+    root = str(tmp_path / 'demo')
+    code = f"import demo_data; demo_data.ensure_demo({root!r}, n_train=300, n_val=100, shard_size=100)"
+    procs = [subprocess.Popen([sys.executable, '-c', code], cwd=ROOT) for _ in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    count = lambda split: sum(len(f) for _, _, f in os.walk(os.path.join(root, split)))
+    assert (count('train'), count('val')) == (300, 100)
+    assert sorted(os.listdir(os.path.join(root, 'shards'))) == [f'{s}-{i:04d}.tar' for s, n in (('train', 3), ('val', 1))
+                                                             for i in range(n)]
+    assert os.listdir(tmp_path) == ['demo']  # no build folder left behind
 
 
 def test_sample_stream_shards_global_batches_across_ranks():
