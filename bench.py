@@ -14,7 +14,7 @@ Rows:
   loader     the data loaders alone, images/s per worker = per core (so the GPU never waits on them)
   demo       the README's two demo commands as a user runs them: seconds and accuracy against the
              targets (5 minutes on 2 cores, 78% clean / 50% PGD-20), and against a baseline
-  two_stage  the paper's claim at toy scale: the two-stage demo vs one full-resolution PGD-3
+  two_stage  the paper's claim at toy scale: the two-stage demo vs one full-resolution
              stage over the same samples (train.py end to end): time ratio, accuracy of both
   autoattack eval_autoattack.py vs the official code (pyautoattack 0.2.0), same model/points
   cuda       (GPU only) img/s, FLOP/s, MFU, memory, largest batch, activation checkpointing,
@@ -403,17 +403,17 @@ def run_stage(args, out_dir):
 
 def bench_two_stage(quick):
     """train.py end to end: `python train.py && python train.py config/demo_ft.py` against
-    config/demo_onestage.py (32 px, PGD-3 for the same 72k samples). --quick: 1/32 of the budget
+    config/demo_onestage.py (32 px for the same 86k samples). --quick: 1/32 of the budget
     (the time ratio holds; the accuracies of so short a run mean little)."""
     f = 32 if quick else 1
     scale = lambda *keys_vals: [f'--{k}={int(v / f)}' for k, v in keys_vals]
     ev = [f'--final_eval_samples={200 if quick else 500}', '--eval_every=0']  # time training, not evaluations
-    pre = run_stage(scale(('samples', 64000), ('warmup_samples', 3000), ('eps_warmup', 16000), ('log_every', 8192))
+    pre = run_stage(scale(('samples', 80000), ('warmup_samples', 3000), ('eps_warmup', 16000), ('log_every', 8192))
                     + ev, 'out/bench_two_stage_pre')
     ft = run_stage(['config/demo_ft.py', '--init_from=out/bench_two_stage_pre']
-                   + scale(('samples', 8000), ('warmup_samples', 800), ('log_every', 2048)) + ev,
+                   + scale(('samples', 6000), ('warmup_samples', 600), ('log_every', 2048)) + ev,
                    'out/bench_two_stage_ft')
-    one = run_stage(['config/demo_onestage.py'] + scale(('samples', 72000), ('warmup_samples', 3000),
+    one = run_stage(['config/demo_onestage.py'] + scale(('samples', 86000), ('warmup_samples', 3000),
                                                         ('eps_warmup', 16000), ('log_every', 8192)) + ev,
                     'out/bench_one_stage')
     two_s = pre['train_s'] + ft['train_s']
@@ -440,8 +440,8 @@ def bench_demo(quick):
     budget and 200 val images, no baseline (the accuracies of so short a run mean little)."""
     f = 32 if quick else 1
     scale = lambda *keys_vals: [f'--{k}={int(v / f)}' for k, v in keys_vals] if quick else []
-    pre_scale = scale(('samples', 64000), ('warmup_samples', 3000), ('eps_warmup', 16000), ('eval_every', 16000))
-    ft_scale = scale(('samples', 8000), ('warmup_samples', 800)) + (['--final_eval_samples=200'] if quick else [])
+    pre_scale = scale(('samples', 80000), ('warmup_samples', 3000), ('eps_warmup', 16000), ('eval_every', 40000))
+    ft_scale = scale(('samples', 6000), ('warmup_samples', 600)) + (['--final_eval_samples=200'] if quick else [])
     variants = {'demo': ([], [])}
     if not quick:
         variants['baseline'] = (['--num_workers=1'], ['--num_workers=1', '--eval_every=2000'])
@@ -770,9 +770,9 @@ def print_tables(res):
     if 'two_stage' in res:
         t = res['two_stage']
         print(f"\n| demo, {t['budget_fraction']:g} of the budget | training s | clean | PGD-20 |\n|---|---|---|---|")
-        print(f"| two stages (16 px PGD-1, then 32 px PGD-3) | {t['two_stage_train_s']:.0f} | {t['two_stage_clean']:.1f} | "
+        print(f"| two stages (16 px, then 32 px; PGD-1) | {t['two_stage_train_s']:.0f} | {t['two_stage_clean']:.1f} | "
               f"{t['two_stage_pgd20']:.1f} |")
-        print(f"| one stage (32 px PGD-3) | {t['one_stage_train_s']:.0f} | {t['one_stage_clean']:.1f} | "
+        print(f"| one stage (32 px, PGD-1) | {t['one_stage_train_s']:.0f} | {t['one_stage_clean']:.1f} | "
               f"{t['one_stage_pgd20']:.1f} |")
         print(f"\ntwo_stage_time_ratio = {t['two_stage_time_ratio']:.2f} (compute ratio by the paper's "
               f"convention {t['two_stage_compute_ratio']:.2f}), {t['eval_images']} val images")

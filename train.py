@@ -40,7 +40,7 @@ from stage import (CLIP_LOSSES, batch_layout, check_config, data_paths, eps_str,
 out_dir = 'out/demo_pre'
 init_from = 'scratch'      # 'scratch' | 'resume' (this out_dir) | path to another run's out_dir or ckpt (new stage)
 log_every = 8192           # samples between log lines (also when SIGTERM and NaN are checked)
-eval_every = 16000         # samples between evaluations on the fixed val subset (plot.py's curves); 0 = only at the end
+eval_every = 40000         # samples between evaluations on the fixed val subset (plot.py's curves); 0 = only at the end
 eval_samples = 256         # size of that fixed subset
 final_eval_samples = 200   # images for the final table; 0 = the whole val set
 ckpt_every = 0             # samples between checkpoints; 0 = only at the end (and on SIGTERM)
@@ -100,7 +100,7 @@ eval_step_size = 1 / 255
 eval_dtype = 'float32'     # results.json and the final table; bf16 rounds pixels near 0/1 by ~1/255, one eval step
 eval_batch_size = 0        # per rank, the final evaluation; 0 = the micro batch, lowered on a GPU to what its memory holds
 # optimisation
-samples = 64000            # this stage's budget, in samples seen
+samples = 80000            # this stage's budget, in samples seen
 batch_size = 64            # global batch per optimizer step (all ranks, all micro-steps)
 micro_batch_size = 0       # per rank per forward; 0 = batch_size / world size (no accumulation)
 lr = 1.5e-3
