@@ -25,6 +25,7 @@ FLOPs: training forward+backward = 3x forward, each attack step = 2x forward (fo
 the input-only backward); forward = model.flops() (multiply-accumulates) x 2.
 """
 import argparse
+import ast
 import json
 import logging
 import math
@@ -43,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import augment
+import configurator
 import data
 import decode
 import demo_data
@@ -401,21 +403,33 @@ def run_stage(args, out_dir):
     return res
 
 
+DEMO_BUDGET_KEYS = ('samples', 'warmup_samples', 'eps_warmup', 'eval_every', 'log_every')
+
+
+def demo_budgets():
+    """The demo's budgets as its files set them: stage 1 (train.py's defaults, read from its
+    source: importing it would run a stage), stage 2 (config/demo_ft.py) and the one-stage
+    control (config/demo_onestage.py over train.py's defaults)."""
+    tree = ast.parse(open('train.py').read())
+    pre = {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+           for t in n.targets if isinstance(t, ast.Name) and t.id in DEMO_BUDGET_KEYS}
+    return (pre, configurator.read_config('config/demo_ft.py'),
+            {**pre, **configurator.read_config('config/demo_onestage.py')})
+
+
 def bench_two_stage(quick):
     """train.py end to end: `python train.py && python train.py config/demo_ft.py` against
-    config/demo_onestage.py (32 px for the same 86k samples). --quick: 1/32 of the budget
+    config/demo_onestage.py (32 px for the same samples). --quick: 1/32 of the budget
     (the time ratio holds; the accuracies of so short a run mean little)."""
     f = 32 if quick else 1
-    scale = lambda *keys_vals: [f'--{k}={int(v / f)}' for k, v in keys_vals]
+    scale = lambda budget, *keys: [f'--{k}={int(budget[k] / f)}' for k in keys]
+    pre_b, ft_b, one_b = demo_budgets()
     ev = [f'--final_eval_samples={200 if quick else 500}', '--eval_every=0']  # time training, not evaluations
-    pre = run_stage(scale(('samples', 80000), ('warmup_samples', 3000), ('eps_warmup', 16000), ('log_every', 8192))
-                    + ev, 'out/bench_two_stage_pre')
+    pre = run_stage(scale(pre_b, 'samples', 'warmup_samples', 'eps_warmup', 'log_every') + ev, 'out/bench_two_stage_pre')
     ft = run_stage(['config/demo_ft.py', '--init_from=out/bench_two_stage_pre']
-                   + scale(('samples', 6000), ('warmup_samples', 600), ('log_every', 2048)) + ev,
-                   'out/bench_two_stage_ft')
-    one = run_stage(['config/demo_onestage.py'] + scale(('samples', 86000), ('warmup_samples', 3000),
-                                                        ('eps_warmup', 16000), ('log_every', 8192)) + ev,
-                    'out/bench_one_stage')
+                   + scale(ft_b, 'samples', 'warmup_samples', 'log_every') + ev, 'out/bench_two_stage_ft')
+    one = run_stage(['config/demo_onestage.py'] + scale(one_b, 'samples', 'warmup_samples', 'eps_warmup', 'log_every')
+                    + ev, 'out/bench_one_stage')
     two_s = pre['train_s'] + ft['train_s']
     r = dict(budget_fraction=1 / f, two_stage_train_s=two_s, one_stage_train_s=one['train_s'],
              two_stage_time_ratio=one['train_s'] / two_s,
@@ -439,9 +453,10 @@ def bench_demo(quick):
     core computes) and stage 2's PGD-20 evaluations every 2000 samples. --quick: 1/32 of the
     budget and 200 val images, no baseline (the accuracies of so short a run mean little)."""
     f = 32 if quick else 1
-    scale = lambda *keys_vals: [f'--{k}={int(v / f)}' for k, v in keys_vals] if quick else []
-    pre_scale = scale(('samples', 80000), ('warmup_samples', 3000), ('eps_warmup', 16000), ('eval_every', 40000))
-    ft_scale = scale(('samples', 6000), ('warmup_samples', 600)) + (['--final_eval_samples=200'] if quick else [])
+    scale = lambda budget, *keys: [f'--{k}={int(budget[k] / f)}' for k in keys] if quick else []
+    pre_b, ft_b, _ = demo_budgets()
+    pre_scale = scale(pre_b, 'samples', 'warmup_samples', 'eps_warmup', 'eval_every')
+    ft_scale = scale(ft_b, 'samples', 'warmup_samples') + (['--final_eval_samples=200'] if quick else [])
     variants = {'demo': ([], [])}
     if not quick:
         variants['baseline'] = (['--num_workers=1'], ['--num_workers=1', '--eval_every=2000'])

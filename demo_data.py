@@ -202,8 +202,9 @@ def ensure_demo(root=DEMO_ROOT, n_train=12000, n_val=1000, seed=0, shard_size=10
         return root
     # a folder of this process's own: two runs started at once on a fresh clone each build a
     # whole copy, and the first to finish is the one kept
-    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + '.tmp', dir=os.path.dirname(os.path.abspath(root)))
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + '.tmp', dir=parent)
     for split, n, split_seed in (('train', n_train, seed), ('val', n_val, seed + 1)):
         images, labels, captions = make_split(n, split_seed)
         for name in DEMO_CLASSES:

@@ -1,5 +1,6 @@
 """bench.py's pieces on CPU: the peer is the same network, the steps train, the CUDA row's code runs,
-the loader rate measures one loader's own worker."""
+the loader rate measures one loader's own worker, the demo rows read
+the demo's budgets from its files."""
 import pytest
 import torch
 
@@ -78,3 +79,12 @@ def test_loader_rate_bills_only_its_own_worker_and_stops_it():
     assert len(alive - before) == 1
     wall, core = bench._loader_rate(make, 128)
     assert wall > 0 and core > 0 and set(bench.child_pids()) == alive
+
+
+def test_demo_budgets_read_the_demo_files():
+    """The demo and two_stage rows scale the budgets the demo's files set; the one-stage control
+    sees as many samples as the two stages together."""
+    pre, ft, one = bench.demo_budgets()
+    assert set(pre) == set(bench.DEMO_BUDGET_KEYS)  # every key still a literal default of train.py
+    assert ft['samples'] < pre['samples'] and one['samples'] == pre['samples'] + ft['samples']
+    assert one['img_size'] == ft['img_size'] == 32
